@@ -1,0 +1,1 @@
+"""The ``agentflow`` command line: the embedded stack, the server processes, and runs."""

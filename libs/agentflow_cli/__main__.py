@@ -1,0 +1,3 @@
+from agentflow_cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The AgentFlow control plane: REST API, durable engine and outbox dispatcher."""

@@ -1,0 +1,199 @@
+"""REST API v1 routes. Thin: parse, call a service, shape the response."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
+
+from agentflow_control_plane.api.deps import DispatcherDep, StateDep, TenantRepo, Writer
+from agentflow_control_plane.api.schemas import (
+    CreateRunIn,
+    CreateRunOut,
+    EnvelopeOut,
+    RunOut,
+    RunStatus,
+    RunSummaryOut,
+    StepOut,
+    WorkflowOut,
+    WorkflowVersionOut,
+)
+from agentflow_control_plane.db.models import Run, Step
+from agentflow_control_plane.services import runs as run_service
+from agentflow_control_plane.services import workflows as workflow_service
+from agentflow_core.spec import NAME_PATTERN
+
+router = APIRouter(prefix="/v1")
+
+WorkflowName = Annotated[str, Path(pattern=NAME_PATTERN)]
+
+
+def _step_out(step: Step) -> StepOut:
+    duration = None
+    if step.started_at and step.finished_at:
+        duration = (step.finished_at - step.started_at).total_seconds() * 1000
+    return StepOut(
+        id=step.id,
+        seq=step.seq,
+        state=step.state,
+        agent=step.agent,
+        status=step.status,  # type: ignore[arg-type]
+        attempts=step.attempts,
+        attempt=step.attempt,
+        max_attempts=step.max_attempts,
+        worker=step.worker,
+        queued_at=step.queued_at,
+        started_at=step.started_at,
+        finished_at=step.finished_at,
+        next_attempt_at=step.next_attempt_at,
+        duration_ms=duration,
+        step_hash=step.step_hash,
+        result_hash=step.result_hash,
+        output=step.output,
+        error=step.error,
+    )
+
+
+def _run_out(run: Run, steps: list[Step]) -> RunOut:
+    return RunOut(
+        id=run.id,
+        workflow=run.workflow_name,
+        version=run.workflow_version,
+        status=run.status,  # type: ignore[arg-type]
+        input=run.input,
+        output=run.output,
+        error=run.error,
+        created_at=run.created_at,
+        started_at=run.started_at,
+        finished_at=run.finished_at,
+        steps=[_step_out(s) for s in steps],
+    )
+
+
+_WORKFLOW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/yaml": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"type": "object"}},
+        },
+    }
+}
+
+
+@router.put("/workflows/{name}", response_model=WorkflowVersionOut, openapi_extra=_WORKFLOW_BODY)
+async def put_workflow(name: WorkflowName, request: Request, repo: TenantRepo, _: Writer) -> WorkflowVersionOut:
+    """Register a workflow from a YAML or JSON body. A changed spec becomes a new version."""
+    stored = await workflow_service.put_workflow(repo, name, await request.body())
+    return WorkflowVersionOut(name=stored.name, version=stored.version, spec_hash=stored.spec_hash, created=stored.created)
+
+
+@router.get("/workflows/{name}", response_model=WorkflowOut)
+async def get_workflow(
+    name: WorkflowName, repo: TenantRepo, version: Annotated[int | None, Query(ge=1)] = None
+) -> WorkflowOut:
+    found = await repo.get_workflow_version(name, version)
+    versions = [v for v, _ in await repo.list_workflow_versions(name)]
+    return WorkflowOut(
+        name=found.name,
+        version=found.version,
+        spec_hash=found.spec_hash,
+        spec=found.spec,
+        versions=versions,
+        created_at=found.created_at,
+    )
+
+
+@router.post("/runs", status_code=201, response_model=CreateRunOut, responses={200: {"model": CreateRunOut}})
+async def create_run(
+    body: CreateRunIn,
+    state: StateDep,
+    dispatcher: DispatcherDep,
+    repo: TenantRepo,
+    _: Writer,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Any:
+    """Start a run. With an ``Idempotency-Key``, repeating the request returns the same run (200)."""
+    created = await run_service.create_run(
+        repo,
+        state.specs,
+        state.names,
+        workflow=body.workflow,
+        version=body.version,
+        run_input=body.input,
+        idempotency_key=idempotency_key,
+    )
+    if state.settings.fault_inject == "exit_after_commit" and created.outgoing:
+        os._exit(70)  # test hook: crash between commit and publish
+    if created.outgoing:
+        await dispatcher.publish(created.outgoing)
+    out = CreateRunOut(id=created.id, status=created.status)  # type: ignore[arg-type]
+    if created.created:
+        return out
+    return JSONResponse(out.model_dump(mode="json"), status_code=200)
+
+
+@router.get("/runs", response_model=list[RunSummaryOut])
+async def list_runs(
+    repo: TenantRepo,
+    status: RunStatus | None = None,
+    workflow: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> list[RunSummaryOut]:
+    runs = await repo.list_runs(status=status, workflow=workflow, limit=limit)
+    return [
+        RunSummaryOut(
+            id=r.id,
+            workflow=r.workflow_name,
+            version=r.workflow_version,
+            status=r.status,  # type: ignore[arg-type]
+            error=r.error,
+            created_at=r.created_at,
+            finished_at=r.finished_at,
+        )
+        for r in runs
+    ]
+
+
+@router.get("/runs/{run_id}", response_model=RunOut)
+async def get_run(run_id: uuid.UUID, repo: TenantRepo) -> RunOut:
+    run = await repo.get_run(run_id)
+    return _run_out(run, await repo.get_steps(run_id))
+
+
+@router.get("/runs/{run_id}/envelopes", response_model=list[EnvelopeOut])
+async def get_envelopes(run_id: uuid.UUID, repo: TenantRepo) -> list[EnvelopeOut]:
+    envelopes = await repo.get_envelopes(run_id)
+    out = []
+    for e in envelopes:
+        raw = bytes(e.body)
+        try:
+            parsed: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            parsed = None
+        out.append(
+            EnvelopeOut(
+                step=e.step_id,
+                attempt=e.attempt,
+                kind=e.kind,  # type: ignore[arg-type]
+                hash=e.hash,
+                raw=raw.decode("utf-8", errors="replace"),
+                envelope=parsed,
+                created_at=e.created_at,
+            )
+        )
+    return out
+
+
+@router.post("/runs/{run_id}/cancel", response_model=RunOut)
+async def cancel_run(run_id: uuid.UUID, state: StateDep, repo: TenantRepo, _: Writer) -> RunOut:
+    run = await run_service.cancel_run(repo, run_id)
+    if state.nc is not None and state.nc.is_connected:
+        # Best effort: workers stop the run's in-flight steps; late results are ignored anyway.
+        await state.nc.publish(state.names.cancel_subject, orjson.dumps({"run": str(run_id)}))
+    return _run_out(run, await repo.get_steps(run_id))
+

@@ -1,0 +1,102 @@
+"""Request and response models of REST API v1."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+StepStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class WorkflowVersionOut(BaseModel):
+    name: str
+    version: int
+    spec_hash: str
+    created: bool = Field(description="False when the spec was identical to an existing version")
+
+
+class WorkflowOut(BaseModel):
+    name: str
+    version: int
+    spec_hash: str
+    spec: dict[str, Any]
+    versions: list[int]
+    created_at: datetime
+
+
+class CreateRunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workflow: str = Field(min_length=1, max_length=128)
+    version: int | None = Field(None, ge=1)
+    input: Any = None
+
+
+class CreateRunOut(BaseModel):
+    id: uuid.UUID
+    status: RunStatus
+
+
+class StepOut(BaseModel):
+    id: uuid.UUID
+    seq: int
+    state: str
+    agent: str
+    status: StepStatus
+    attempts: int = Field(description="Times a worker picked the step up, redeliveries and retries included")
+    attempt: int = Field(description="Dispatch attempt (retries after failure) currently in force")
+    max_attempts: int
+    worker: str | None
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    next_attempt_at: datetime | None
+    duration_ms: float | None
+    step_hash: str | None
+    result_hash: str | None
+    output: Any = None
+    error: str | None
+
+
+class RunOut(BaseModel):
+    id: uuid.UUID
+    workflow: str
+    version: int
+    status: RunStatus
+    input: Any = None
+    output: Any = None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    steps: list[StepOut]
+
+
+class RunSummaryOut(BaseModel):
+    id: uuid.UUID
+    workflow: str
+    version: int
+    status: RunStatus
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class EnvelopeOut(BaseModel):
+    step: uuid.UUID
+    attempt: int
+    kind: Literal["step", "result", "rejected"]
+    hash: str
+    raw: str = Field(description="The envelope exactly as exchanged (UTF-8)")
+    envelope: Any = Field(description="The same envelope, parsed")
+    created_at: datetime
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    postgres: bool
+    nats: bool

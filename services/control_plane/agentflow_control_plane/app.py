@@ -1,0 +1,132 @@
+"""The FastAPI application and the lifecycle of its engine tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from agentflow_bus.connection import connect, ensure_streams
+from agentflow_bus.subjects import Names
+from agentflow_control_plane.api.deps import StateDep
+from agentflow_control_plane.api.errors import install_error_handlers
+from agentflow_control_plane.api.routes import router
+from agentflow_control_plane.api.schemas import ReadyOut
+from agentflow_control_plane.auth import TokenVerifier
+from agentflow_control_plane.db.session import make_engine, make_sessionmaker, wait_for_database
+from agentflow_control_plane.engine.dispatcher import Dispatcher
+from agentflow_control_plane.engine.results import ResultProcessor
+from agentflow_control_plane.engine.specs import SpecCache
+from agentflow_control_plane.engine.timers import Timers
+from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
+from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
+from agentflow_control_plane.state import AppState
+
+log = logging.getLogger("agentflow.control_plane")
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content)
+
+
+async def start_engine(state: AppState) -> None:
+    """Connect to Postgres and NATS (waiting for both), then start the engine loops."""
+    settings = state.settings
+    await wait_for_database(state.engine)
+    state.nc = await connect(settings, name="agentflow-control-plane")
+    js = state.nc.jetstream()
+    await ensure_streams(js, settings)
+    state.dispatcher = Dispatcher(js, state.engine, relay_after_s=settings.outbox_relay_after_s)
+    state.dispatcher.start()
+    state.results = ResultProcessor(state.nc, state.engine, state.dispatcher, state.specs, settings)
+    await state.results.start()
+    state.timers = Timers(state.engine, state.dispatcher, state.names, settings.timer_interval_s)
+    state.timers.start()
+
+
+async def stop_engine(state: AppState) -> None:
+    for part in (state.results, state.timers, state.dispatcher):
+        if part is not None:
+            with contextlib.suppress(Exception):
+                await part.stop()
+    if state.nc is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(state.nc.drain(), 5)
+    await state.engine.dispose()
+
+
+def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.async_database_url, pool_size=settings.db_pool_size)
+    state = AppState(
+        settings=settings,
+        names=Names(settings.nats_prefix),
+        engine=engine,
+        sessions=make_sessionmaker(engine),
+        verifier=TokenVerifier(settings),
+        specs=SpecCache(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Serve /healthz and /readyz (503) while Postgres or NATS are still unreachable.
+        starting = asyncio.create_task(start_engine(state), name="engine-start")
+        try:
+            yield
+        finally:
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            await stop_engine(state)
+
+    app = FastAPI(
+        title="AgentFlow control plane",
+        version="0.1.0",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.agentflow = state
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+    async def readyz(state: StateDep) -> JSONResponse:
+        postgres = False
+        try:
+            async with asyncio.timeout(2):
+                async with state.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            postgres = True
+        except Exception:
+            postgres = False
+        nats_ok = False
+        if state.nc is not None and state.nc.is_connected:
+            try:
+                await state.nc.flush(timeout=2)
+                nats_ok = True
+            except Exception:
+                nats_ok = False
+        ready = postgres and nats_ok
+        body = ReadyOut(ready=ready, postgres=postgres, nats=nats_ok).model_dump()
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

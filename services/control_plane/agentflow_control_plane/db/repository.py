@@ -1,0 +1,174 @@
+"""Tenant-scoped data access: the one layer where tenant filtering happens.
+
+Routes and services receive a :class:`TenantRepository` bound to the caller's tenant and
+never write a tenant filter themselves; every query here carries it. Another tenant's
+row is indistinguishable from a missing one (404).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from agentflow_control_plane.db.models import Envelope, Run, Step, Tenant, Workflow, WorkflowVersion
+from agentflow_core.errors import NotFound
+
+_known_tenants: set[str] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    name: str
+    version: int
+    spec_hash: str
+    spec: dict[str, Any]
+    created: bool
+
+
+class TenantRepository:
+    def __init__(self, session: AsyncSession, tenant: str) -> None:
+        self.session = session
+        self.tenant = tenant
+
+    async def connection(self) -> AsyncConnection:
+        return await self.session.connection()
+
+    async def ensure_tenant(self) -> None:
+        if self.tenant in _known_tenants:
+            return
+        await self.session.execute(insert(Tenant).values(id=self.tenant).on_conflict_do_nothing())
+        _known_tenants.add(self.tenant)
+
+    # --- workflows -------------------------------------------------------------------
+
+    async def put_workflow_version(self, name: str, spec: dict[str, Any], spec_hash: str) -> StoredVersion:
+        """Store a new immutable version unless this exact spec is already one."""
+        await self.ensure_tenant()
+        existing = await self.session.scalar(
+            select(WorkflowVersion).where(
+                WorkflowVersion.tenant_id == self.tenant,
+                WorkflowVersion.name == name,
+                WorkflowVersion.spec_hash == spec_hash,
+            )
+        )
+        if existing is not None:
+            return StoredVersion(name, existing.version, spec_hash, existing.spec, created=False)
+        # Lock the workflow row so concurrent PUTs number versions without gaps or clashes.
+        await self.session.execute(
+            insert(Workflow)
+            .values(tenant_id=self.tenant, name=name, latest_version=0)
+            .on_conflict_do_nothing()
+        )
+        workflow = await self.session.scalar(
+            select(Workflow).where(Workflow.tenant_id == self.tenant, Workflow.name == name).with_for_update()
+        )
+        assert workflow is not None
+        existing = await self.session.scalar(
+            select(WorkflowVersion).where(
+                WorkflowVersion.tenant_id == self.tenant,
+                WorkflowVersion.name == name,
+                WorkflowVersion.spec_hash == spec_hash,
+            )
+        )
+        if existing is not None:
+            return StoredVersion(name, existing.version, spec_hash, existing.spec, created=False)
+        version = workflow.latest_version + 1
+        workflow.latest_version = version
+        workflow.updated_at = datetime.now(UTC)
+        self.session.add(
+            WorkflowVersion(tenant_id=self.tenant, name=name, version=version, spec_hash=spec_hash, spec=spec)
+        )
+        return StoredVersion(name, version, spec_hash, spec, created=True)
+
+    async def get_workflow_version(self, name: str, version: int | None = None) -> WorkflowVersion:
+        query = select(WorkflowVersion).where(WorkflowVersion.tenant_id == self.tenant, WorkflowVersion.name == name)
+        if version is None:
+            query = query.order_by(WorkflowVersion.version.desc()).limit(1)
+        else:
+            query = query.where(WorkflowVersion.version == version)
+        found = await self.session.scalar(query)
+        if found is None:
+            what = f"workflow '{name}'" + (f" version {version}" if version is not None else "")
+            raise NotFound(f"{what} not found")
+        return found
+
+    async def list_workflow_versions(self, name: str) -> list[tuple[int, str]]:
+        rows = await self.session.execute(
+            select(WorkflowVersion.version, WorkflowVersion.spec_hash)
+            .where(WorkflowVersion.tenant_id == self.tenant, WorkflowVersion.name == name)
+            .order_by(WorkflowVersion.version)
+        )
+        return [(v, h) for v, h in rows]
+
+    # --- runs --------------------------------------------------------------------------
+
+    async def find_run_by_idempotency_key(self, key: str) -> Run | None:
+        return await self.session.scalar(
+            select(Run).where(Run.tenant_id == self.tenant, Run.idempotency_key == key)
+        )
+
+    async def get_run(self, run_id: uuid.UUID, *, for_update: bool = False) -> Run:
+        query = select(Run).where(Run.tenant_id == self.tenant, Run.id == run_id)
+        if for_update:
+            query = query.with_for_update()
+        run = await self.session.scalar(query)
+        if run is None:
+            raise NotFound(f"run '{run_id}' not found")
+        return run
+
+    async def list_runs(self, *, status: str | None, workflow: str | None, limit: int) -> list[Run]:
+        query = select(Run).where(Run.tenant_id == self.tenant)
+        if status:
+            query = query.where(Run.status == status)
+        if workflow:
+            query = query.where(Run.workflow_name == workflow)
+        query = query.order_by(Run.created_at.desc()).limit(limit)
+        return list(await self.session.scalars(query))
+
+    async def get_steps(self, run_id: uuid.UUID) -> list[Step]:
+        return list(
+            await self.session.scalars(
+                select(Step).where(Step.tenant_id == self.tenant, Step.run_id == run_id).order_by(Step.seq)
+            )
+        )
+
+    async def get_envelopes(self, run_id: uuid.UUID) -> list[Envelope]:
+        await self.get_run(run_id)
+        return list(
+            await self.session.scalars(
+                select(Envelope)
+                .where(Envelope.tenant_id == self.tenant, Envelope.run_id == run_id)
+                .order_by(Envelope.id)
+            )
+        )
+
+    async def cancel_run(self, run_id: uuid.UUID) -> Run:
+        run = await self.get_run(run_id, for_update=True)
+        if run.status in ("succeeded", "failed", "cancelled"):
+            return run
+        conn = await self.connection()
+        await conn.execute(
+            text(
+                "UPDATE runs SET status = 'cancelled', finished_at = now(), error = 'cancelled by request' "
+                "WHERE id = :id AND tenant_id = :tenant"
+            ),
+            {"id": run_id, "tenant": self.tenant},
+        )
+        await conn.execute(
+            text(
+                "UPDATE steps SET status = 'cancelled', finished_at = now(), next_attempt_at = NULL "
+                "WHERE run_id = :id AND tenant_id = :tenant AND status IN ('queued', 'running')"
+            ),
+            {"id": run_id, "tenant": self.tenant},
+        )
+        await conn.execute(
+            text("DELETE FROM outbox WHERE run_id = :id AND tenant_id = :tenant"), {"id": run_id, "tenant": self.tenant}
+        )
+        await self.session.refresh(run)
+        return run

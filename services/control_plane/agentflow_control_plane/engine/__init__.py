@@ -1,0 +1,1 @@
+"""The durable engine: planning decisions, the transactional outbox, results, timers."""

@@ -1,0 +1,358 @@
+"""Consuming result envelopes in batches and advancing runs, one transaction per batch.
+
+Per batch: verify every envelope's hash and shape, lock the affected runs (in id order,
+so concurrent control planes never deadlock), record results idempotently (a step
+attempt completes at most once), apply retry policies, feed final step results to the
+planner, write the next steps to the outbox, commit, then publish and ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from agentflow_bus.connection import ensure_consumer
+from agentflow_bus.pull import PullConsumer
+from agentflow_bus.subjects import Names
+from agentflow_control_plane import metrics
+from agentflow_control_plane.engine.dispatcher import Dispatcher
+from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
+from agentflow_control_plane.engine.writes import WriteSet, dumps_or_none, insert_envelopes
+from agentflow_control_plane.settings import ControlPlaneSettings
+from agentflow_core.envelope import check_result, open_envelope
+from agentflow_core.errors import EnvelopeRejected
+from agentflow_core.planners import StepResult
+
+log = logging.getLogger("agentflow.results")
+
+ACTIVE = ("queued", "running")
+FINAL_RUN = ("succeeded", "failed", "cancelled")
+
+
+def _ts(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1_000_000, UTC)
+
+
+@dataclass(slots=True)
+class Incoming:
+    msg: Msg
+    body: dict[str, Any] | None  # None: rejected on receipt
+    raw: bytes
+    digest: str
+    step_id: uuid.UUID | None
+    reject_reason: str | None = None
+
+
+class StepRow:
+    __slots__ = (
+        "attempt", "attempts", "dirty", "error", "finished_at", "id", "max_attempts", "next_attempt_at",
+        "output", "pickups_before", "queued_at", "result_hash", "run_id", "seq", "started_at", "state",
+        "status", "step_hash", "tenant", "worker", "agent",
+    )  # fmt: skip
+
+    def __init__(self, row: Any) -> None:
+        (self.id, self.run_id, self.tenant, self.seq, self.state, self.agent, self.status, self.attempt,
+         self.max_attempts, self.attempts, self.pickups_before, self.step_hash, self.queued_at,
+         self.started_at, self.worker) = row[:15]  # fmt: skip
+        self.finished_at: datetime | None = None
+        self.next_attempt_at: datetime | None = None
+        self.output: Any = None
+        self.error: str | None = None
+        self.result_hash: str | None = None
+        self.dirty = False
+
+    def update_tuple(self) -> tuple[Any, ...]:
+        return (
+            self.id, self.status, self.attempt, self.attempts, self.pickups_before, self.worker,
+            self.started_at, self.finished_at, self.next_attempt_at, dumps_or_none(self.output), self.error,
+            self.step_hash, self.result_hash, self.queued_at,
+        )  # fmt: skip
+
+
+class RunRow:
+    __slots__ = ("dirty", "error", "finished_at", "id", "input", "key", "output", "started_at", "state", "status")
+
+    def __init__(self, row: Any) -> None:
+        self.id: uuid.UUID = row[1]
+        self.status: str = row[15]
+        self.state: dict[str, Any] = row[16]
+        self.input: Any = row[17]
+        self.key = (row[2], row[18], row[19])
+        self.started_at: datetime | None = row[20]
+        self.output: Any = None
+        self.error: str | None = None
+        self.finished_at: datetime | None = None
+        self.dirty = False
+
+    def update_tuple(self) -> tuple[Any, ...]:
+        return (
+            self.status, orjson.dumps(self.state).decode(), dumps_or_none(self.output), self.error,
+            self.started_at, self.finished_at,
+        )  # fmt: skip
+
+
+LOAD_SQL = text(
+    "SELECT s.id, s.run_id, s.tenant_id, s.seq, s.state, s.agent, s.status, s.attempt, s.max_attempts,"
+    " s.attempts, s.pickups_before, s.step_hash, s.queued_at, s.started_at, s.worker,"
+    " r.status, r.planner_state, r.input, r.workflow_name, r.workflow_version, r.started_at "
+    "FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.id = ANY(CAST(:ids AS uuid[])) "
+    "ORDER BY r.id FOR UPDATE OF r"
+)
+
+
+class ResultProcessor:
+    def __init__(
+        self,
+        nc: Client,
+        engine: AsyncEngine,
+        dispatcher: Dispatcher,
+        specs: SpecCache,
+        settings: ControlPlaneSettings,
+    ) -> None:
+        self._nc = nc
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self._specs = specs
+        self._settings = settings
+        self._names = Names(settings.nats_prefix)
+        self._pending: deque[Msg] = deque()
+        self._wake = asyncio.Event()
+        self._consumer: PullConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        js = self._nc.jetstream()
+        await ensure_consumer(
+            js,
+            stream=self._names.results_stream,
+            durable=self._names.results_consumer,
+            filter_subject=self._names.results_filter,
+            ack_wait=30.0,
+            max_deliver=-1,
+        )
+        self._consumer = PullConsumer(
+            self._nc,
+            stream=self._names.results_stream,
+            durable=self._names.results_consumer,
+            on_message=self._enqueue,
+            max_inflight=self._settings.result_batch_max * 2,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._loop(), name="results")
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _enqueue(self, msg: Msg) -> None:
+        self._pending.append(msg)
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        backoff = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                n = min(len(self._pending), self._settings.result_batch_max)
+                batch = [self._pending.popleft() for _ in range(n)]
+                try:
+                    await self.process(batch)
+                    backoff = 0.1
+                except Exception as exc:
+                    log.warning("result batch of %d failed (%s); redelivering", len(batch), exc, exc_info=True)
+                    for msg in batch:
+                        with contextlib.suppress(Exception):
+                            await msg.nak(delay=backoff)
+                    assert self._consumer is not None
+                    self._consumer.done(len(batch))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+
+    @staticmethod
+    def _parse(msg: Msg) -> Incoming:
+        raw = msg.data
+        try:
+            body, digest = open_envelope(raw)
+            check_result(body)
+            return Incoming(msg, body, raw, digest, uuid.UUID(body["step"]))
+        except (EnvelopeRejected, ValueError) as exc:
+            reason = exc.message if isinstance(exc, EnvelopeRejected) else f"malformed envelope: {exc}"
+            step_id = None
+            with contextlib.suppress(Exception):
+                step_id = uuid.UUID(orjson.loads(raw)["step"])
+            return Incoming(msg, None, raw, "", step_id, reason)
+
+    async def process(self, msgs: list[Msg]) -> None:
+        incoming = [self._parse(m) for m in msgs]
+        now = datetime.now(UTC)
+        writes = WriteSet(self._names, now)
+        latencies: list[float] = []
+        step_ids = list({i.step_id for i in incoming if i.step_id is not None})
+        async with self._engine.begin() as conn:
+            rows = (await conn.execute(LOAD_SQL, {"ids": step_ids})).all() if step_ids else []
+            steps = {r[0]: StepRow(r) for r in rows}
+            runs: dict[uuid.UUID, RunRow] = {}
+            for r in rows:
+                if r[1] not in runs:
+                    runs[r[1]] = RunRow(r)
+            compiled = await self._specs.get_many(conn, {run.key for run in runs.values()})
+
+            # Record envelopes first: the unique index decides which results are new.
+            records = []
+            for item in incoming:
+                step = steps.get(item.step_id) if item.step_id else None
+                if step is None:
+                    reason = item.reject_reason or "result for an unknown step"
+                    metrics.RESULTS_REJECTED.labels("unknown_step" if item.body else "invalid").inc()
+                    log.warning("dropping result message: %s", reason)
+                    continue
+                if item.body is not None:
+                    body = item.body
+                    if body["tenant"] != step.tenant or body["run"] != str(step.run_id):
+                        item.body, item.reject_reason = None, "result names another tenant or run than its step"
+                    elif body["attempt"] == step.attempt and step.step_hash and body["step_hash"] != step.step_hash:
+                        item.body = None
+                        item.reject_reason = (
+                            f"result answers step envelope {body['step_hash']}, "
+                            f"but attempt {step.attempt} was dispatched as {step.step_hash}"
+                        )
+                if item.body is None:
+                    metrics.RESULTS_REJECTED.labels("verification").inc()
+                    attempt = step.attempt
+                    with contextlib.suppress(Exception):
+                        attempt = int(orjson.loads(item.raw)["attempt"])
+                    digest = item.digest or "sha256:unverified"
+                    writes.add_envelope(step.tenant, step.run_id, step.id, attempt, "rejected", digest, item.raw)
+                    records.append((item, step))
+                    continue
+                writes.add_envelope(
+                    step.tenant, step.run_id, step.id, item.body["attempt"], "result", item.digest, item.raw
+                )
+                records.append((item, step))
+            new_pairs: set[tuple[uuid.UUID, int]] = set()
+            if writes.envelopes:
+                new_pairs = await insert_envelopes(conn, writes.envelopes, returning=True)
+                writes.envelopes.clear()
+
+            for item, step in records:
+                run = runs[step.run_id]
+                body = item.body
+                if body is None:
+                    # A result that failed verification counts as a failed attempt.
+                    if step.status in ACTIVE and run.status not in FINAL_RUN:
+                        self._finish_attempt(
+                            step, run, compiled.get(run.key), writes, now,
+                            StepResult(step.seq, "rejected", None, f"result rejected: {item.reject_reason}"),
+                        )  # fmt: skip
+                    continue
+                if body["kind"] == "started":
+                    self._started(step, run, body)
+                    continue
+                if (step.id, body["attempt"]) not in new_pairs:
+                    continue  # duplicate delivery of a result already recorded
+                if body["attempt"] != step.attempt or step.status not in ACTIVE or run.status in FINAL_RUN:
+                    continue  # late result of a superseded attempt or a finished run: recorded only
+                self._started(step, run, body)
+                step.finished_at = _ts(body["finished_us"])
+                step.result_hash = item.digest
+                latencies.append((now - step.queued_at).total_seconds())
+                result = StepResult(step.seq, body["status"], body.get("output"), body.get("error"))
+                self._finish_attempt(step, run, compiled.get(run.key), writes, now, result)
+
+            for step in steps.values():
+                if step.dirty:
+                    writes.step_updates.append(step.update_tuple())
+            for run in runs.values():
+                if run.dirty:
+                    writes.run_updates[run.id] = run.update_tuple()
+            outgoing = await writes.flush(conn)
+
+        for item in incoming:
+            # Verified messages are acked; refused ones are terminated so they never return.
+            await (item.msg.ack() if item.body is not None else item.msg.term())
+        assert self._consumer is not None
+        self._consumer.done(len(incoming))
+        metrics.RESULTS_BATCH.observe(len(incoming))
+        for latency in latencies:
+            metrics.STEP_LATENCY.observe(latency)
+        await self._dispatcher.publish(outgoing)
+
+    @staticmethod
+    def _started(step: StepRow, run: RunRow, body: dict[str, Any]) -> None:
+        if body["attempt"] != step.attempt or step.status not in ACTIVE:
+            return
+        step.status = "running"
+        step.worker = body["worker"]
+        step.started_at = _ts(body["started_us"])
+        step.attempts = max(step.attempts, step.pickups_before + body["delivery"])
+        step.dirty = True
+        if run.status == "pending":
+            run.status = "running"
+            run.started_at = run.started_at or step.started_at
+            run.dirty = True
+
+    def _finish_attempt(
+        self,
+        step: StepRow,
+        run: RunRow,
+        workflow: CompiledWorkflow | None,
+        writes: WriteSet,
+        now: datetime,
+        result: StepResult,
+    ) -> None:
+        step.dirty = True
+        if result.status == "succeeded":
+            step.status = "succeeded"
+            step.output = result.output
+            step.error = None
+            metrics.STEPS_COMPLETED.inc()
+        else:
+            metrics.STEPS_FAILED.labels(result.status).inc()
+            step.error = result.error or result.status
+            step.output = result.output
+            if workflow is not None and step.attempt < step.max_attempts:
+                policy = workflow.spec.agents[step.agent].retry
+                delay_ms = policy.delay_ms(step.attempt)
+                step.status = "queued"
+                step.attempt += 1
+                step.pickups_before = max(step.attempts, step.pickups_before + 1)
+                step.attempts = step.pickups_before
+                step.next_attempt_at = now + timedelta(milliseconds=delay_ms)
+                step.step_hash = None
+                step.finished_at = None
+                metrics.STEP_RETRIES.inc()
+                return
+            step.status = "failed"
+        if workflow is None:
+            return
+        decision = workflow.planner.on_result(run.state, result, run.input)
+        if decision.ignored:
+            return
+        run.state = decision.state
+        run.dirty = True
+        for request in decision.dispatch:
+            writes.new_step(workflow.spec, step.tenant, run.id, request)
+        if decision.outcome is not None:
+            run.status = decision.outcome.status
+            run.output = decision.outcome.output
+            run.error = decision.outcome.error
+            run.finished_at = now
+            metrics.RUNS_FINISHED.labels(run.status).inc()

@@ -1,0 +1,87 @@
+"""Timers: dispatching retries whose backoff has elapsed.
+
+A failed attempt leaves its step ``queued`` with ``next_attempt_at`` set and no step
+hash. When the time comes, the step envelope of the previous attempt is re-sealed with
+the next attempt number (same payload) and goes through the outbox like any dispatch.
+Rows are claimed with ``FOR UPDATE SKIP LOCKED``, so any number of control planes can
+run this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentflow_bus.subjects import Names
+from agentflow_control_plane.engine.dispatcher import Dispatcher
+from agentflow_control_plane.engine.writes import WriteSet
+
+log = logging.getLogger("agentflow.timers")
+
+DUE_SQL = text(
+    "SELECT s.id, s.run_id, s.tenant_id, s.attempt, s.queue, e.body FROM steps s "
+    "JOIN envelopes e ON e.step_id = s.id AND e.attempt = s.attempt - 1 AND e.kind = 'step' "
+    "WHERE s.next_attempt_at <= now() AND s.status = 'queued' "
+    "ORDER BY s.next_attempt_at LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
+)
+
+
+class Timers:
+    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher, names: Names, interval_s: float) -> None:
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self._names = names
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="timers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def dispatch_due_retries(self, limit: int = 500) -> int:
+        now = datetime.now(UTC)
+        writes = WriteSet(self._names, now)
+        async with self._engine.begin() as conn:
+            rows = (await conn.execute(DUE_SQL, {"limit": limit})).all()
+            if not rows:
+                return 0
+            updates = []
+            for step_id, run_id, tenant, attempt, queue, previous in rows:
+                body = orjson.loads(bytes(previous))
+                body.pop("hash", None)
+                body["attempt"] = attempt
+                digest = writes.dispatch_attempt(
+                    tenant=tenant, run_id=run_id, step_id=step_id, queue=queue, body=body
+                )
+                updates.append((step_id, digest))
+            await conn.execute(
+                text(
+                    "UPDATE steps AS s SET step_hash = u.hash, next_attempt_at = NULL, queued_at = :now "
+                    "FROM unnest(CAST(:ids AS uuid[]), CAST(:hashes AS text[])) AS u(id, hash) WHERE s.id = u.id"
+                ),
+                {"ids": [u[0] for u in updates], "hashes": [u[1] for u in updates], "now": now},
+            )
+            outgoing = await writes.flush(conn)
+        await self._dispatcher.publish(outgoing)
+        return len(rows)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                count = await self.dispatch_due_retries()
+                if count:
+                    continue
+            except Exception as exc:
+                log.warning("timer pass failed (%s); retrying", exc)
+            await asyncio.sleep(self._interval_s)

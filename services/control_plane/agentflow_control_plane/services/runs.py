@@ -1,0 +1,111 @@
+"""Starting and cancelling runs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+
+from agentflow_bus.subjects import Names
+from agentflow_control_plane.db.models import Run
+from agentflow_control_plane.db.repository import TenantRepository
+from agentflow_control_plane.engine.specs import SpecCache
+from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
+from agentflow_core.canonical import content_hash
+from agentflow_core.errors import Conflict
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedRun:
+    id: uuid.UUID
+    status: str
+    created: bool
+    outgoing: list[OutMsg]
+
+
+INSERT_RUN = text(
+    "INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input, output, error,"
+    " planner_state, idempotency_key, request_hash, created_at, finished_at) "
+    "VALUES (:id, :tenant, :name, :version, :status, CAST(:input AS jsonb), CAST(:output AS jsonb), :error,"
+    " CAST(:state AS jsonb), :key, :rhash, :now, :finished) "
+    "ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
+)
+
+
+async def _existing(repo: TenantRepository, key: str, request_hash: str) -> CreatedRun | None:
+    run: Run | None = await repo.find_run_by_idempotency_key(key)
+    if run is None:
+        return None
+    if run.request_hash != request_hash:
+        raise Conflict(f"Idempotency-Key '{key}' was already used for a different request")
+    return CreatedRun(run.id, run.status, False, [])
+
+
+async def create_run(
+    repo: TenantRepository,
+    specs: SpecCache,
+    names: Names,
+    *,
+    workflow: str,
+    version: int | None,
+    run_input: Any,
+    idempotency_key: str | None,
+) -> CreatedRun:
+    # Raises CanonicalizationError (422) for NaN, Infinity, |int| >= 2**53 before anything is stored.
+    request_hash = content_hash({"workflow": workflow, "version": version, "input": run_input})
+    if idempotency_key:
+        existing = await _existing(repo, idempotency_key, request_hash)
+        if existing is not None:
+            return existing
+    stored = await repo.get_workflow_version(workflow, version)
+    key = (repo.tenant, stored.name, stored.version)
+    compiled = (await specs.get_many(await repo.connection(), {key}))[key]
+    run_id = uuid.UUID(bytes=os.urandom(16), version=4)
+    decision = compiled.planner.start(run_input)
+    now = datetime.now(UTC)
+    outcome = decision.outcome
+    status = outcome.status if outcome else "pending"
+    await repo.ensure_tenant()
+    conn = await repo.connection()
+    inserted = await conn.execute(
+        INSERT_RUN,
+        {
+            "id": run_id,
+            "tenant": repo.tenant,
+            "name": stored.name,
+            "version": stored.version,
+            "status": status,
+            "input": dumps_or_none(run_input),
+            "output": dumps_or_none(outcome.output if outcome else None),
+            "error": outcome.error if outcome else None,
+            "state": orjson.dumps(decision.state).decode(),
+            "key": idempotency_key,
+            "rhash": request_hash,
+            "now": now,
+            "finished": now if outcome else None,
+        },
+    )
+    if inserted.first() is None:
+        # Lost a race with a concurrent request carrying the same key.
+        await repo.session.rollback()
+        assert idempotency_key is not None
+        existing = await _existing(repo, idempotency_key, request_hash)
+        assert existing is not None
+        return existing
+    writes = WriteSet(names, now)
+    for request in decision.dispatch:
+        writes.new_step(compiled.spec, repo.tenant, run_id, request)
+    outgoing = await writes.flush(conn)
+    await repo.session.commit()
+    return CreatedRun(run_id, status, True, outgoing)
+
+
+async def cancel_run(repo: TenantRepository, run_id: uuid.UUID) -> Run:
+    run = await repo.cancel_run(run_id)
+    await repo.session.commit()
+    return run

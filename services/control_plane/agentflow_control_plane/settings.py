@@ -1,0 +1,81 @@
+"""The control plane's one settings object, read from ``AGENTFLOW_*`` variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agentflow_bus.settings import BusSettings
+from agentflow_core.errors import ConfigurationError
+
+#: Accepted only in dev mode; outside it the control plane refuses to start with it.
+DEV_JWT_SECRET = "agentflow-dev-secret-do-not-use-in-production"
+
+
+class DatabaseSettings(BaseSettings):
+    """What ``agentflow migrate`` needs, and nothing more."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTFLOW_", extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/agentflow"
+
+
+class ControlPlaneSettings(BusSettings, DatabaseSettings):
+    dev_mode: bool = False
+    jwt_secret: str = ""
+    #: PEM public key; when set, RS256 tokens are accepted too.
+    jwt_public_key: str = ""
+    jwt_algorithms: list[Literal["HS256", "RS256"]] = ["HS256", "RS256"]
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    log_level: str = "info"
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    db_pool_size: int = Field(10, ge=1, le=200)
+    #: Most results committed in one transaction.
+    result_batch_max: int = Field(512, ge=1, le=10_000)
+    #: Outbox rows older than this are published by the relay (a crashed or stalled
+    #: process's leftovers); younger ones belong to the process that wrote them.
+    outbox_relay_after_s: float = Field(2.0, ge=0.0)
+    timer_interval_s: float = Field(0.2, gt=0)
+    #: Test-only fault injection ("exit_after_commit": exit the process right after the
+    #: first run-creating commit, before publishing). Refused outside dev mode.
+    fault_inject: str = ""
+
+    @model_validator(mode="after")
+    def _secrets(self) -> ControlPlaneSettings:
+        if self.dev_mode:
+            if not self.jwt_secret:
+                self.jwt_secret = DEV_JWT_SECRET
+            return self
+        if not self.jwt_secret and not self.jwt_public_key:
+            raise ConfigurationError(
+                "AGENTFLOW_JWT_SECRET (or AGENTFLOW_JWT_PUBLIC_KEY) must be set outside dev mode"
+            )
+        if self.jwt_secret and (self.jwt_secret == DEV_JWT_SECRET or len(self.jwt_secret) < 32):
+            raise ConfigurationError(
+                "AGENTFLOW_JWT_SECRET must be a random value of at least 32 characters outside dev mode "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+        if self.fault_inject:
+            raise ConfigurationError("AGENTFLOW_FAULT_INJECT is only honoured in dev mode")
+        return self
+
+    @property
+    def async_database_url(self) -> str:
+        return to_async_url(self.database_url)
+
+
+def to_async_url(url: str) -> str:
+    """SQLAlchemy URL with the asyncpg driver for a plain ``postgresql://`` URL."""
+    for plain in ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+        if url.startswith(plain):
+            return "postgresql+asyncpg://" + url[len(plain) :]
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ControlPlaneSettings:
+    return ControlPlaneSettings()

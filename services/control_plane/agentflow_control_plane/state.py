@@ -1,0 +1,30 @@
+"""Everything one control-plane process holds for its lifetime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from agentflow_bus.subjects import Names
+from agentflow_control_plane.auth import TokenVerifier
+from agentflow_control_plane.engine.dispatcher import Dispatcher
+from agentflow_control_plane.engine.results import ResultProcessor
+from agentflow_control_plane.engine.specs import SpecCache
+from agentflow_control_plane.engine.timers import Timers
+from agentflow_control_plane.settings import ControlPlaneSettings
+
+
+@dataclass
+class AppState:
+    settings: ControlPlaneSettings
+    names: Names
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    verifier: TokenVerifier
+    specs: SpecCache
+    nc: Client | None = None
+    dispatcher: Dispatcher | None = None
+    results: ResultProcessor | None = None
+    timers: Timers | None = None

@@ -1,0 +1,1 @@
+"""The AgentFlow worker: pulls steps from JetStream, runs agents, publishes results."""

@@ -1,0 +1,303 @@
+"""The worker process: pull step envelopes, verify, run the agent, publish the result, ack.
+
+Order matters for durability: the result is published (and acknowledged by JetStream)
+*before* the step message is acked, so a crash at any point leaves the step to be
+redelivered, never lost. While a step runs, the worker sends in-progress heartbeats every
+third of the ack wait, so JetStream only redelivers steps whose worker is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from agentflow_bus.connection import connect, ensure_consumer, ensure_streams
+from agentflow_bus.pull import PullConsumer
+from agentflow_bus.subjects import Names
+from agentflow_core.envelope import ENVELOPE_VERSION, StepEnvelope, check_step, open_envelope, seal
+from agentflow_core.errors import CanonicalizationError, EnvelopeRejected
+from agentflow_worker import metrics
+from agentflow_worker.agents import BUILTIN_AGENTS, Agent, AgentError, StepContext
+from agentflow_worker.settings import WorkerSettings
+
+log = logging.getLogger("agentflow.worker")
+
+PUBLISH_TIMEOUT_S = 5.0
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, agents: dict[str, Agent] | None = None) -> None:
+        self.settings = settings
+        self.names = Names(settings.nats_prefix)
+        self.agents = agents if agents is not None else dict(BUILTIN_AGENTS)
+        self.nc: Client | None = None
+        self._consumer: PullConsumer | None = None
+        self._tasks: dict[asyncio.Task[None], str] = {}
+        self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
+        self._stopping = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self.nc = await connect(s, name=f"agentflow-worker {s.worker_name}")
+        js = self.nc.jetstream()
+        await ensure_streams(js, s)
+        await ensure_consumer(
+            js,
+            stream=self.names.steps_stream,
+            durable=self.names.step_consumer(s.worker_queue),
+            filter_subject=self.names.step_filter(s.worker_queue),
+            ack_wait=s.step_ack_wait_s,
+            max_deliver=s.step_max_deliver,
+        )
+        await self.nc.subscribe(self.names.cancel_subject, cb=self._on_cancel)
+        self._consumer = PullConsumer(
+            self.nc,
+            stream=self.names.steps_stream,
+            durable=self.names.step_consumer(s.worker_queue),
+            on_message=self._on_message,
+            max_inflight=s.worker_concurrency,
+        )
+        await self._consumer.start()
+        log.info("worker %s consuming queue '%s' (concurrency %d)", s.worker_name, s.worker_queue,
+                 s.worker_concurrency)  # fmt: skip
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking steps, let running ones finish (up to the timeout), then leave."""
+        self._stopping = True
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), 5)
+
+    # --- messages ----------------------------------------------------------------------
+
+    def _on_message(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks[task] = ""
+        task.add_done_callback(self._tasks.pop)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            run = str(orjson.loads(msg.data)["run"])
+        except Exception:
+            return
+        self._cancelled_runs[run] = None
+        while len(self._cancelled_runs) > 10_000:
+            self._cancelled_runs.popitem(last=False)
+        for task, task_run in list(self._tasks.items()):
+            if task_run == run:
+                task.cancel()
+
+    async def _handle(self, msg: Msg) -> None:
+        assert self._consumer is not None
+        metrics.INFLIGHT.inc()
+        try:
+            try:
+                body, digest = open_envelope(msg.data)
+                step = check_step(body)
+            except EnvelopeRejected as exc:
+                await self._reject(msg, exc.message)
+                return
+            if step["run"] in self._cancelled_runs:
+                await msg.term()
+                return
+            current = asyncio.current_task()
+            if current is not None:
+                self._tasks[current] = step["run"]
+            try:
+                await self._execute(msg, step, digest)
+            except asyncio.CancelledError:
+                # Run cancelled (or shutdown): the step is not answered; on shutdown
+                # another worker gets it at once.
+                with contextlib.suppress(Exception):
+                    await (msg.nak() if self._stopping else msg.term())
+        except Exception:
+            log.exception("step handling failed; it will be redelivered")
+        finally:
+            metrics.INFLIGHT.dec()
+            self._consumer.done()
+
+    async def _reject(self, msg: Msg, reason: str) -> None:
+        """Refuse a malformed or mis-hashed step: tell the control plane, terminate it."""
+        metrics.REJECTED.labels("hash_mismatch" if "hash mismatch" in reason else "malformed").inc()
+        log.warning("rejecting step message: %s", reason)
+        try:
+            claimed = orjson.loads(msg.data)
+            ids = {k: claimed[k] for k in ("tenant", "run", "step", "attempt")}
+            if not all(isinstance(ids[k], str) for k in ("tenant", "run", "step")) or type(ids["attempt"]) is not int:
+                raise ValueError("ids of wrong type")
+        except Exception:
+            # Nothing identifies a step: all we can do is drop it (JetStream keeps an advisory).
+            await msg.term()
+            return
+        claimed_hash = claimed.get("hash") if isinstance(claimed.get("hash"), str) else ""
+        result = self._result_body(ids, claimed_hash, msg, "rejected", None, f"step envelope rejected: {reason}",
+                                   _now_us())  # fmt: skip
+        if await self._publish_result(ids["tenant"], result, msg):
+            await msg.term()
+
+    def _result_body(
+        self,
+        ids: dict[str, Any],
+        step_hash: str,
+        msg: Msg,
+        status: str,
+        output: Any,
+        error: str | None,
+        started_us: int,
+    ) -> dict[str, Any]:
+        return {
+            "v": ENVELOPE_VERSION,
+            "kind": "result",
+            "tenant": ids["tenant"],
+            "run": ids["run"],
+            "step": ids["step"],
+            "attempt": ids["attempt"],
+            "step_hash": step_hash,
+            "status": status,
+            "output": output,
+            "error": error,
+            "worker": self.settings.worker_name,
+            "delivery": msg.metadata.num_delivered or 1,
+            "started_us": started_us,
+            "finished_us": _now_us(),
+        }
+
+    async def _execute(self, msg: Msg, step: StepEnvelope, digest: str) -> None:
+        agent_call = step["agent"]
+        agent_type = agent_call["type"]
+        delivery = msg.metadata.num_delivered or 1
+        started_us = _now_us()
+        ctx = StepContext(
+            tenant=step["tenant"],
+            run=step["run"],
+            step=step["step"],
+            seq=step["seq"],
+            attempt=step["attempt"],
+            delivery=delivery,
+            agent_name=agent_call["name"],
+            config=agent_call["config"],
+            payload=step["payload"],
+        )
+        keepalive = asyncio.create_task(self._keepalive(msg, step, started_us, delivery))
+        status, output, error = "succeeded", None, None
+        began = time.perf_counter()
+        try:
+            agent = self.agents.get(agent_type)
+            if agent is None:
+                status, error = "failed", f"this worker has no agent of type '{agent_type}'"
+            else:
+                timeout = agent_call.get("timeout_s")
+                try:
+                    output = await asyncio.wait_for(agent.run(ctx), timeout)
+                except TimeoutError:
+                    status, error = "timeout", f"agent '{ctx.agent_name}' timed out after {timeout}s"
+                except AgentError as exc:
+                    status, error = "failed", str(exc) or type(exc).__name__
+                except Exception as exc:
+                    log.exception("agent %s raised", ctx.agent_name)
+                    status, error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            keepalive.cancel()
+        metrics.DURATION.labels(agent_type).observe(time.perf_counter() - began)
+        result = self._result_body(dict(step), digest, msg, status, output, error, started_us)
+        if not await self._publish_result(step["tenant"], result, msg):
+            return  # not acked: JetStream redelivers the step
+        metrics.STEPS.labels(agent_type, result["status"]).inc()
+        await msg.ack()
+
+    async def _keepalive(self, msg: Msg, step: StepEnvelope, started_us: int, delivery: int) -> None:
+        """Report a long step as started, and keep JetStream from redelivering it."""
+        notice_s = self.settings.worker_started_notice_ms / 1000
+        if notice_s:
+            await asyncio.sleep(notice_s)
+        notice = {
+            "v": ENVELOPE_VERSION,
+            "kind": "started",
+            "tenant": step["tenant"],
+            "run": step["run"],
+            "step": step["step"],
+            "attempt": step["attempt"],
+            "worker": self.settings.worker_name,
+            "delivery": delivery,
+            "started_us": started_us,
+        }
+        wire, _ = seal(notice)
+        assert self.nc is not None
+        with contextlib.suppress(Exception):
+            future = await self.nc.jetstream().publish_async(
+                self.names.result_subject(step["tenant"]), wire, headers=self._headers(msg)
+            )
+            await asyncio.wait_for(future, PUBLISH_TIMEOUT_S)
+        interval = max(self.settings.step_ack_wait_s / 3 - notice_s, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            interval = self.settings.step_ack_wait_s / 3
+
+    @staticmethod
+    def _headers(msg: Msg) -> dict[str, str]:
+        headers = {}
+        parent = (msg.headers or {}).get("traceparent")
+        if parent:
+            headers["traceparent"] = parent
+        return headers
+
+    async def _publish_result(self, tenant: str, result: dict[str, Any], msg: Msg) -> bool:
+        try:
+            wire, _ = seal(result)
+        except CanonicalizationError as exc:
+            result["status"], result["output"] = "failed", None
+            result["error"] = f"agent output cannot be canonicalized: {exc.message}"
+            wire, _ = seal(result)
+        headers = self._headers(msg)
+        headers["Nats-Msg-Id"] = f"r:{result['step']}:{result['attempt']}:{result['delivery']}"
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        deadline = time.monotonic() + self.settings.step_ack_wait_s * 0.8
+        delay = 0.1
+        while True:
+            try:
+                future = await js.publish_async(self.names.result_subject(tenant), wire, headers=headers)
+                await asyncio.wait_for(future, PUBLISH_TIMEOUT_S)
+                return True
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    log.warning("giving up publishing result of step %s: %s", result["step"], exc)
+                    return False
+                log.warning("publishing result failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    worker = Worker(settings)
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_host)
+    await worker.start()
+    await stop.wait()
+    await worker.stop()
