@@ -15,6 +15,7 @@ nesting) goes to ``rfc8785`` itself, which either produces the canonical form or
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import orjson
@@ -70,20 +71,15 @@ def _scalar_ok(value: Any, t: type) -> bool:
     return t is int and -_MAX_SAFE < value < _MAX_SAFE
 
 
-def canonicalize(value: Any) -> bytes:
-    """RFC 8785 canonical UTF-8 bytes of ``value``.
-
-    Raises :class:`CanonicalizationError` for values JCS cannot represent (NaN,
-    Infinity, integers outside ±(2**53 - 1), non-string keys, lone surrogates) and for
-    self-referential or too deeply nested containers (the reference recurses per level).
-    """
+def _canonicalize(value: Any) -> tuple[bytes, bool]:
+    """(JCS bytes, whether the orjson fast path produced them)."""
     if _fast_path_ok(value):
         try:
-            return orjson.dumps(value, option=_ORJSON_OPTS)
+            return orjson.dumps(value, option=_ORJSON_OPTS), True
         except orjson.JSONEncodeError:
             pass  # e.g. a lone surrogate: the reference gives the precise error
     try:
-        return rfc8785.dumps(value)
+        return rfc8785.dumps(value), False
     except (
         rfc8785.CanonicalizationError,
         TypeError,
@@ -95,6 +91,40 @@ def canonicalize(value: Any) -> bytes:
         raise CanonicalizationError(f"value cannot be canonicalized per RFC 8785: {exc}") from exc
 
 
+def canonicalize(value: Any) -> bytes:
+    """RFC 8785 canonical UTF-8 bytes of ``value``.
+
+    Raises :class:`CanonicalizationError` for values JCS cannot represent (NaN,
+    Infinity, integers outside ±(2**53 - 1), non-string keys, lone surrogates) and for
+    self-referential or too deeply nested containers (the reference recurses per level).
+    """
+    return _canonicalize(value)[0]
+
+
+def canonicalize_portable(value: Any) -> bytes:
+    """Like :func:`canonicalize`, but also refuses values whose canonical text does not
+    parse back to the same canonical text.
+
+    JCS writes a float such as ``1e16`` as the digits ``10000000000000000``, which any
+    JSON parser reads back as an integer outside the JCS domain, so an envelope holding it
+    could never be verified by its receiver. Everything AgentFlow hashes and sends goes
+    through this check; it costs nothing on the fast path (no floats there).
+    """
+    out, fast = _canonicalize(value)
+    if not fast:
+        try:
+            # The stdlib parser, like most, reads digit-only numbers as integers.
+            again = _canonicalize(json.loads(out))[0]
+        except (ValueError, CanonicalizationError) as exc:
+            again = str(exc).encode()
+        if again != out:
+            raise CanonicalizationError(
+                "value does not survive a JSON round trip in canonical form "
+                "(e.g. a float of magnitude >= 2**53 with no fraction); send it as a string"
+            )
+    return out
+
+
 def content_hash(value: Any) -> str:
-    """``"sha256:" + hex(sha256(JCS(value)))``."""
-    return HASH_PREFIX + hashlib.sha256(canonicalize(value)).hexdigest()
+    """``"sha256:" + hex(sha256(JCS(value)))``, for values that survive a round trip."""
+    return HASH_PREFIX + hashlib.sha256(canonicalize_portable(value)).hexdigest()

@@ -21,7 +21,7 @@ from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import orjson
 
-from agentflow_core.canonical import HASH_PREFIX, canonicalize
+from agentflow_core.canonical import HASH_PREFIX, canonicalize, canonicalize_portable
 from agentflow_core.errors import CanonicalizationError, EnvelopeRejected
 
 ENVELOPE_VERSION = 1
@@ -91,7 +91,9 @@ def seal(body: dict[str, Any]) -> tuple[bytes, str]:
     The wire form is the canonical serialization with the ``hash`` member appended, so
     sealing costs one canonicalization. Raises :class:`CanonicalizationError`.
     """
-    canonical = canonicalize(body)
+    if "hash" in body:
+        raise CanonicalizationError("an envelope body to seal must not contain 'hash'")
+    canonical = canonicalize_portable(body)
     digest = HASH_PREFIX + hashlib.sha256(canonical).hexdigest()
     if canonical == b"{}":
         wire = b'{"hash":"' + digest.encode() + b'"}'
@@ -119,7 +121,7 @@ def open_envelope(raw: bytes) -> tuple[dict[str, Any], str]:
         actual = HASH_PREFIX + hashlib.sha256(canonicalize(body)).hexdigest()
     except CanonicalizationError as exc:
         raise EnvelopeRejected(f"malformed envelope: {exc.message}") from exc
-    if not hmac.compare_digest(actual, claimed):
+    if not claimed.isascii() or not hmac.compare_digest(actual, claimed):
         raise EnvelopeRejected(f"hash mismatch: envelope claims {claimed}, content hashes to {actual}")
     return body, claimed
 

@@ -93,7 +93,14 @@ class WorkflowSpec(BaseModel):
         return content_hash(self.model_dump(mode="json"))
 
 
+PLANNER_TYPES = ("fsm",)
+
+
 def _loc(parts: tuple[int | str, ...] | list[int | str]) -> str:
+    # A discriminated union puts its tag in the path ("planner.fsm.states"); users wrote
+    # "planner.states", so drop it.
+    if len(parts) > 1 and parts[0] == "planner" and parts[1] in PLANNER_TYPES:
+        parts = (parts[0], *parts[2:])
     return ".".join(str(p) for p in parts)
 
 

@@ -228,6 +228,9 @@ class ResultProcessor:
                     body = item.body
                     if body["tenant"] != step.tenant or body["run"] != str(step.run_id):
                         item.body, item.reject_reason = None, "result names another tenant or run than its step"
+                    elif body["kind"] == "started":
+                        records.append((item, step))  # progress only: no envelope to keep
+                        continue
                     elif body["attempt"] == step.attempt and step.step_hash and body["step_hash"] != step.step_hash:
                         item.body = None
                         item.reject_reason = (
