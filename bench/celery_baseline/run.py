@@ -3,7 +3,8 @@
 Usage (from the repository root)::
 
     .venv/bin/python -m bench.celery_baseline.run [--runs 1000] [--steps 10] \
-        [--chain 200] [--latency 500] [--workers 2] [--redis-url URL]
+        [--chain 200] [--latency 500] [--workers 2] [--redis-url URL] \
+        [--private-redis] [--repeat 1] [--worker-loglevel WARNING]
 
 Prints exactly one JSON object on stdout; every log line (ours, the workers',
 a private redis-server's) goes to stderr.
@@ -27,8 +28,9 @@ Setup and fairness choices:
 * Workers: ``--workers`` (default 2) separate ``celery worker`` processes,
   each ``-P solo --concurrency 1`` (one task at a time, no pool process), with
   ``--without-gossip --without-mingle --without-heartbeat`` (cluster-event
-  chatter that the Redis transport docs suggest turning off and that has no
-  part in executing tasks) and ``-Q bench``.  Celery settings are in
+  chatter that has no part in executing tasks and that is commonly turned off
+  on Redis deployments), ``-Q bench`` and ``--loglevel WARNING`` (INFO adds
+  two log lines per task; ``--worker-loglevel INFO`` measured within noise).  Celery settings are in
   ``tasks.py``: a default-like production configuration (JSON, acks early,
   prefetch multiplier 4, every task result stored in Redis, results expire
   after 10 minutes).  Both are copied into ``config`` in the JSON output.
@@ -43,13 +45,21 @@ Setup and fairness choices:
   connections and Redis.
 * Result fetching uses Celery's native Redis path, which is pub/sub, not
   polling: ``ResultSet.join_native`` for the throughput batch (one SUBSCRIBE
-  per final task, plus one GET for those already finished) and
+  per final task, plus one MGET pass for those already finished) and
   ``AsyncResult.get`` for the chain and the round trips.  The client wakes up
   as soon as the result is published, so there is no polling interval to
   tune.  As a check, ``details.throughput.result_lag_ms`` is the time from the
   newest ``date_done`` a worker wrote to the moment the client had every
   result; a small value means result fetching does not dominate.
 * Every result is checked against its input; a wrong value fails the run.
+  ``details.tasks_per_worker_incl_warmup`` shows both workers did work.
+* Payloads are tiny JSON values: ``{"run": i}`` per throughput chain,
+  ``{"chain": n}`` for the long chain, an int per round trip.
+* Noise: on a 2-core VM the client, Redis and both workers compete for the
+  CPUs (the workers are the bottleneck, ~1.4 ms CPU per task each), and
+  single runs vary by about +-15 %.  ``--repeat N`` repeats the throughput
+  and chain phases and reports the (lower) median sample, with all samples
+  in ``details``.
 * Workers are stopped with SIGTERM (warm shutdown), then SIGKILL after
   ``--stop-timeout`` seconds, also after errors, Ctrl-C or SIGTERM.
 """

@@ -50,11 +50,12 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self, database: str = "agentflow") -> str:
+        # Before the import: pgserver resolves its runtime directory when loaded.
+        private_runtime_dir(self.home)
         try:
             import pgserver
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise EmbeddedError("embedded Postgres needs the extra: pip install 'agentflow[embedded]'") from exc
-        private_runtime_dir(self.home)
         self._server = pgserver.get_server(self.home / "pgdata", cleanup_mode="stop")
         exists = self._server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
         if "(1 row)" not in exists:

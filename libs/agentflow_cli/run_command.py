@@ -103,7 +103,7 @@ def run_workflow(
         if run["status"] == "succeeded":
             import json
 
-            console.print("output:", json.dumps(run["output"]))
+            console.print("\noutput:", json.dumps(run["output"]))
             return 0
         console.print(f"[red]run {run['status']}: {run.get('error')}[/]")
         return 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -161,4 +160,4 @@ def chain_workflow(name: str, steps: int, agent: dict[str, Any] | None = None) -
     }
 
 
-__all__ = ["Api", "Cluster", "Proc", "chain_workflow", "free_port", "os", "wait_ready"]
+

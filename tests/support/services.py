@@ -79,9 +79,9 @@ def _asyncpg_dsn(url: str) -> str:
 
 @dataclass
 class TestEnv:
-    __test__ = False  # not a test class, despite the name
-
     """A fresh database (migrated) and NATS prefix: an isolated AgentFlow installation."""
+
+    __test__ = False  # not a test class, despite the name
 
     services: Services
     database: str
