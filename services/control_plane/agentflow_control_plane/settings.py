@@ -33,9 +33,12 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     log_level: str = "info"
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    db_pool_size: int = Field(10, ge=1, le=200)
+    db_pool_size: int = Field(20, ge=1, le=200)
     #: Most results committed in one transaction.
     result_batch_max: int = Field(512, ge=1, le=10_000)
+    #: Result batches in flight at once in one process (each its own transaction), so
+    #: the engine keeps working while a batch waits on Postgres.
+    results_concurrency: int = Field(2, ge=1, le=16)
     #: Outbox rows older than this are published by the relay (a crashed or stalled
     #: process's leftovers); younger ones belong to the process that wrote them.
     outbox_relay_after_s: float = Field(2.0, ge=0.0)

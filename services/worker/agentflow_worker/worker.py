@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from agentflow_bus.connection import connect, ensure_consumer, ensure_streams
 from agentflow_bus.pull import PullConsumer
@@ -43,6 +44,9 @@ class Worker:
         self.names = Names(settings.nats_prefix)
         self.agents = agents if agents is not None else dict(BUILTIN_AGENTS)
         self.nc: Client | None = None
+        # One JetStream context for the process: each context owns its own reply
+        # subscription for async publishes, so creating one per message would leak them.
+        self.js: JetStreamContext | None = None
         self._consumer: PullConsumer | None = None
         self._tasks: dict[asyncio.Task[None], str] = {}
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
@@ -53,7 +57,7 @@ class Worker:
     async def start(self) -> None:
         s = self.settings
         self.nc = await connect(s, name=f"agentflow-worker {s.worker_name}")
-        js = self.nc.jetstream()
+        js = self.js = self.nc.jetstream()
         await ensure_streams(js, s)
         await ensure_consumer(
             js,
@@ -244,9 +248,9 @@ class Worker:
             "started_us": started_us,
         }
         wire, _ = seal(notice)
-        assert self.nc is not None
+        assert self.js is not None
         with contextlib.suppress(Exception):
-            future = await self.nc.jetstream().publish_async(
+            future = await self.js.publish_async(
                 self.names.result_subject(step["tenant"]), wire, headers=self._headers(msg)
             )
             await asyncio.wait_for(future, PUBLISH_TIMEOUT_S)
@@ -274,8 +278,8 @@ class Worker:
             wire, _ = seal(result)
         headers = self._headers(msg)
         headers["Nats-Msg-Id"] = f"r:{result['step']}:{result['attempt']}:{result['delivery']}"
-        assert self.nc is not None
-        js = self.nc.jetstream()
+        js = self.js
+        assert js is not None
         deadline = time.monotonic() + self.settings.step_ack_wait_s * 0.8
         delay = 0.1
         while True:

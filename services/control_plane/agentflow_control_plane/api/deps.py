@@ -14,7 +14,9 @@ from agentflow_control_plane.state import AppState
 from agentflow_core.errors import Unavailable
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies are async on purpose: FastAPI runs plain `def` dependencies in a thread
+# pool, a thread hop per request on the hot API path.
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.agentflow
     return state
 
@@ -22,7 +24,7 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_dispatcher(state: StateDep) -> Dispatcher:
+async def get_dispatcher(state: StateDep) -> Dispatcher:
     if state.dispatcher is None:
         raise Unavailable("the control plane is still connecting to Postgres and NATS")
     return state.dispatcher
@@ -31,7 +33,7 @@ def get_dispatcher(state: StateDep) -> Dispatcher:
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
-def get_principal(
+async def get_principal(
     state: StateDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
 ) -> Principal:
     return state.verifier.verify(authorization)
@@ -40,7 +42,7 @@ def get_principal(
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 
 
-def require_writer(principal: CurrentPrincipal) -> Principal:
+async def require_writer(principal: CurrentPrincipal) -> Principal:
     principal.require_write()
     return principal
 

@@ -98,6 +98,21 @@ class TenantRepository:
             raise NotFound(f"{what} not found")
         return found
 
+    async def resolve_version(self, name: str, version: int | None = None) -> int:
+        """The version number to run (latest when None), without loading the spec."""
+        query = select(WorkflowVersion.version).where(
+            WorkflowVersion.tenant_id == self.tenant, WorkflowVersion.name == name
+        )
+        if version is None:
+            query = query.order_by(WorkflowVersion.version.desc()).limit(1)
+        else:
+            query = query.where(WorkflowVersion.version == version)
+        found = await self.session.scalar(query)
+        if found is None:
+            what = f"workflow '{name}'" + (f" version {version}" if version is not None else "")
+            raise NotFound(f"{what} not found")
+        return found
+
     async def list_workflow_versions(self, name: str) -> list[tuple[int, str]]:
         rows = await self.session.execute(
             select(WorkflowVersion.version, WorkflowVersion.spec_hash)

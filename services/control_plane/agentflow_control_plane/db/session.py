@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
+import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 log = logging.getLogger("agentflow.db")
 
@@ -15,11 +17,26 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        # No overflow: overflow connections are closed when returned, and reconnecting
+        # (plus re-preparing statements) under load costs more than waiting for one.
+        max_overflow=0,
+        pool_timeout=30,
         pool_pre_ping=True,
         pool_recycle=1800,
-        # JSON columns go through orjson-compatible stdlib json; keep defaults.
+        json_serializer=lambda value: orjson.dumps(value).decode(),
+        json_deserializer=orjson.loads,
     )
+
+
+async def driver(conn: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a SQLAlchemy one, inside the same transaction.
+
+    The engine's hot path sends set-based statements straight to asyncpg: SQLAlchemy's
+    per-statement overhead is larger than the statements' own cost there.
+    """
+    raw = await conn.get_raw_connection()
+    connection: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+    return connection
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -21,13 +21,13 @@ from typing import Any
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from agentflow_bus.connection import ensure_consumer
 from agentflow_bus.pull import PullConsumer
 from agentflow_bus.subjects import Names
 from agentflow_control_plane import metrics
+from agentflow_control_plane.db.session import driver
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
 from agentflow_control_plane.engine.writes import WriteSet, dumps_or_none, insert_envelopes
@@ -104,11 +104,11 @@ class RunRow:
         )  # fmt: skip
 
 
-LOAD_SQL = text(
+LOAD_SQL = (
     "SELECT s.id, s.run_id, s.tenant_id, s.seq, s.state, s.agent, s.status, s.attempt, s.max_attempts,"
     " s.attempts, s.pickups_before, s.step_hash, s.queued_at, s.started_at, s.worker,"
     " r.status, r.planner_state, r.input, r.workflow_name, r.workflow_version, r.started_at "
-    "FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.id = ANY(CAST(:ids AS uuid[])) "
+    "FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.id = ANY($1::uuid[]) "
     "ORDER BY r.id FOR UPDATE OF r"
 )
 
@@ -132,6 +132,7 @@ class ResultProcessor:
         self._wake = asyncio.Event()
         self._consumer: PullConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._backoff = 0.1
 
     async def start(self) -> None:
         js = self._nc.jetstream()
@@ -166,25 +167,37 @@ class ResultProcessor:
         self._wake.set()
 
     async def _loop(self) -> None:
-        backoff = 0.1
+        slots = asyncio.Semaphore(self._settings.results_concurrency)
+        running: set[asyncio.Task[None]] = set()
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
+                await slots.acquire()
                 n = min(len(self._pending), self._settings.result_batch_max)
+                if n == 0:
+                    slots.release()
+                    break
                 batch = [self._pending.popleft() for _ in range(n)]
-                try:
-                    await self.process(batch)
-                    backoff = 0.1
-                except Exception as exc:
-                    log.warning("result batch of %d failed (%s); redelivering", len(batch), exc, exc_info=True)
-                    for msg in batch:
-                        with contextlib.suppress(Exception):
-                            await msg.nak(delay=backoff)
-                    assert self._consumer is not None
-                    self._consumer.done(len(batch))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                task = asyncio.create_task(self._process_guarded(batch, slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+    async def _process_guarded(self, batch: list[Msg], slots: asyncio.Semaphore) -> None:
+        try:
+            await self.process(batch)
+            self._backoff = 0.1
+        except Exception as exc:
+            log.warning("result batch of %d failed (%s); redelivering", len(batch), exc, exc_info=True)
+            for msg in batch:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=self._backoff)
+            assert self._consumer is not None
+            self._consumer.done(len(batch))
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 5.0)
+        finally:
+            slots.release()
 
     @staticmethod
     def _parse(msg: Msg) -> Incoming:
@@ -207,7 +220,7 @@ class ResultProcessor:
         latencies: list[float] = []
         step_ids = list({i.step_id for i in incoming if i.step_id is not None})
         async with self._engine.begin() as conn:
-            rows = (await conn.execute(LOAD_SQL, {"ids": step_ids})).all() if step_ids else []
+            rows = await (await driver(conn)).fetch(LOAD_SQL, step_ids) if step_ids else []
             steps = {r[0]: StepRow(r) for r in rows}
             runs: dict[uuid.UUID, RunRow] = {}
             for r in rows:
@@ -252,7 +265,7 @@ class ResultProcessor:
                 records.append((item, step))
             new_pairs: set[tuple[uuid.UUID, int]] = set()
             if writes.envelopes:
-                new_pairs = await insert_envelopes(conn, writes.envelopes, returning=True)
+                new_pairs = await insert_envelopes(conn, writes.envelopes)
                 writes.envelopes.clear()
 
             for item, step in records:

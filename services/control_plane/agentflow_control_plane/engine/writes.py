@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from agentflow_bus.subjects import Names
+from agentflow_control_plane.db.session import driver
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
 from agentflow_core.spec import WorkflowSpec
@@ -111,148 +111,101 @@ class WriteSet:
         )
 
     async def flush(self, conn: AsyncConnection) -> list[OutMsg]:
-        """Write everything collected; returns the outbox messages with their row ids."""
+        """Write everything collected in ONE statement (data-modifying CTEs).
+
+        Returns the outbox messages with their row ids.
+        """
+        params: list[Any] = []
+
+        def arg(value: Any, cast: str) -> str:
+            params.append(value)
+            return f"${len(params)}::{cast}"
+
+        def columns(rows: list[tuple[Any, ...]], casts: tuple[str, ...]) -> str:
+            cols = list(zip(*rows, strict=True))
+            return ", ".join(arg(list(col), cast) for col, cast in zip(cols, casts, strict=True))
+
+        ctes: list[str] = []
         if self.new_steps:
-            cols = list(zip(*self.new_steps, strict=True))
-            await conn.execute(
-                text(
-                    "INSERT INTO steps (id, tenant_id, run_id, seq, state, agent, queue, max_attempts, step_hash,"
-                    " status, attempt, attempts, pickups_before, queued_at) "
-                    "SELECT u.*, 'queued', 1, 0, 0, CAST(:now AS timestamptz) FROM unnest("
-                    "CAST(:id AS uuid[]), CAST(:tenant AS text[]), CAST(:run AS uuid[]), CAST(:seq AS int[]),"
-                    " CAST(:state AS text[]), CAST(:agent AS text[]), CAST(:queue AS text[]),"
-                    " CAST(:max AS int[]), CAST(:hash AS text[])) AS u"
-                ),
-                {
-                    "id": list(cols[0]),
-                    "tenant": list(cols[1]),
-                    "run": list(cols[2]),
-                    "seq": list(cols[3]),
-                    "state": list(cols[4]),
-                    "agent": list(cols[5]),
-                    "queue": list(cols[6]),
-                    "max": list(cols[7]),
-                    "hash": list(cols[8]),
-                    "now": self.now,
-                },
+            ctes.append(
+                "new_steps AS (INSERT INTO steps (id, tenant_id, run_id, seq, state, agent, queue, max_attempts,"
+                " step_hash, status, attempt, attempts, pickups_before, queued_at) "
+                f"SELECT u.*, 'queued', 1, 0, 0, {arg(self.now, 'timestamptz')} FROM unnest("
+                + columns(self.new_steps, ("uuid[]", "text[]", "uuid[]", "int[]", "text[]", "text[]", "text[]",
+                                           "int[]", "text[]"))  # fmt: skip
+                + ") AS u)"
             )
         if self.step_updates:
-            cols = list(zip(*self.step_updates, strict=True))
-            await conn.execute(
-                text(
-                    "UPDATE steps AS s SET status = u.status, attempt = u.attempt, attempts = u.attempts,"
-                    " pickups_before = u.pickups_before, worker = u.worker, started_at = u.started_at,"
-                    " finished_at = u.finished_at, next_attempt_at = u.next_attempt_at,"
-                    " output = CAST(u.output AS jsonb), error = u.error, step_hash = u.step_hash,"
-                    " result_hash = u.result_hash, queued_at = u.queued_at "
-                    "FROM unnest(CAST(:id AS uuid[]), CAST(:status AS text[]), CAST(:attempt AS int[]),"
-                    " CAST(:attempts AS int[]), CAST(:pickups AS int[]), CAST(:worker AS text[]),"
-                    " CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]),"
-                    " CAST(:next AS timestamptz[]), CAST(:output AS text[]), CAST(:error AS text[]),"
-                    " CAST(:shash AS text[]), CAST(:rhash AS text[]), CAST(:queued AS timestamptz[]))"
-                    " AS u(id, status, attempt, attempts, pickups_before, worker, started_at, finished_at,"
-                    " next_attempt_at, output, error, step_hash, result_hash, queued_at) "
-                    "WHERE s.id = u.id"
-                ),
-                {
-                    "id": list(cols[0]),
-                    "status": list(cols[1]),
-                    "attempt": list(cols[2]),
-                    "attempts": list(cols[3]),
-                    "pickups": list(cols[4]),
-                    "worker": list(cols[5]),
-                    "started": list(cols[6]),
-                    "finished": list(cols[7]),
-                    "next": list(cols[8]),
-                    "output": list(cols[9]),
-                    "error": list(cols[10]),
-                    "shash": list(cols[11]),
-                    "rhash": list(cols[12]),
-                    "queued": list(cols[13]),
-                },
+            ctes.append(
+                "step_updates AS (UPDATE steps AS s SET status = u.status, attempt = u.attempt,"
+                " attempts = u.attempts, pickups_before = u.pickups_before, worker = u.worker,"
+                " started_at = u.started_at, finished_at = u.finished_at, next_attempt_at = u.next_attempt_at,"
+                " output = u.output::jsonb, error = u.error, step_hash = u.step_hash,"
+                " result_hash = u.result_hash, queued_at = u.queued_at FROM unnest("
+                + columns(self.step_updates, ("uuid[]", "text[]", "int[]", "int[]", "int[]", "text[]",
+                                              "timestamptz[]", "timestamptz[]", "timestamptz[]", "text[]",
+                                              "text[]", "text[]", "text[]", "timestamptz[]"))  # fmt: skip
+                + ") AS u(id, status, attempt, attempts, pickups_before, worker, started_at, finished_at,"
+                " next_attempt_at, output, error, step_hash, result_hash, queued_at) WHERE s.id = u.id)"
             )
         if self.run_updates:
-            ids = list(self.run_updates)
-            cols = list(zip(*self.run_updates.values(), strict=True))
-            await conn.execute(
-                text(
-                    "UPDATE runs AS r SET status = u.status, planner_state = CAST(u.state AS jsonb),"
-                    " output = CAST(u.output AS jsonb), error = u.error, started_at = u.started_at,"
-                    " finished_at = u.finished_at "
-                    "FROM unnest(CAST(:id AS uuid[]), CAST(:status AS text[]), CAST(:state AS text[]),"
-                    " CAST(:output AS text[]), CAST(:error AS text[]), CAST(:started AS timestamptz[]),"
-                    " CAST(:finished AS timestamptz[])) AS u(id, status, state, output, error, started_at,"
-                    " finished_at) WHERE r.id = u.id"
-                ),
-                {
-                    "id": ids,
-                    "status": list(cols[0]),
-                    "state": list(cols[1]),
-                    "output": list(cols[2]),
-                    "error": list(cols[3]),
-                    "started": list(cols[4]),
-                    "finished": list(cols[5]),
-                },
+            rows = [(run_id, *values) for run_id, values in self.run_updates.items()]
+            ctes.append(
+                "run_updates AS (UPDATE runs AS r SET status = u.status, planner_state = u.state::jsonb,"
+                " output = u.output::jsonb, error = u.error, started_at = u.started_at,"
+                " finished_at = u.finished_at FROM unnest("
+                + columns(rows, ("uuid[]", "text[]", "text[]", "text[]", "text[]", "timestamptz[]",
+                                 "timestamptz[]"))  # fmt: skip
+                + ") AS u(id, status, state, output, error, started_at, finished_at) WHERE r.id = u.id)"
             )
         if self.envelopes:
-            await insert_envelopes(conn, self.envelopes)
-        if self.outbox:
-            rows = await conn.execute(
-                text(
-                    "INSERT INTO outbox (tenant_id, run_id, subject, msg_id, body, traceparent, created_at) "
-                    "SELECT u.*, CAST(:now AS timestamptz) FROM unnest(CAST(:tenant AS text[]),"
-                    " CAST(:run AS uuid[]), CAST(:subject AS text[]), CAST(:msg_id AS text[]),"
-                    " CAST(:body AS bytea[]), CAST(:tp AS text[])) AS u RETURNING id"
-                ),
-                {
-                    "tenant": [m.tenant for m in self.outbox],
-                    "run": [m.run_id for m in self.outbox],
-                    "subject": [m.subject for m in self.outbox],
-                    "msg_id": [m.msg_id for m in self.outbox],
-                    "body": [m.body for m in self.outbox],
-                    "tp": [m.traceparent for m in self.outbox],
-                    "now": self.now,
-                },
+            ctes.append(
+                "new_envelopes AS (INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
+                "SELECT * FROM unnest("
+                + columns(self.envelopes, ENVELOPE_CASTS)
+                + ") ON CONFLICT (step_id, attempt, kind) WHERE kind IN ('step', 'result') DO NOTHING)"
             )
-            # INSERT ... SELECT FROM unnest preserves order in practice but not by
-            # contract; ids are only used to delete published rows, so order is moot.
-            for msg, (outbox_id,) in zip(self.outbox, rows, strict=True):
-                msg.outbox_id = outbox_id
+        if self.outbox:
+            final = (
+                "INSERT INTO outbox (tenant_id, run_id, subject, msg_id, body, traceparent, created_at) "
+                "SELECT u.*, " + arg(self.now, "timestamptz") + " FROM unnest("
+                + columns(
+                    [(m.tenant, m.run_id, m.subject, m.msg_id, m.body, m.traceparent) for m in self.outbox],
+                    ("text[]", "uuid[]", "text[]", "text[]", "bytea[]", "text[]"),
+                )
+                + ") AS u RETURNING id"
+            )
+        elif ctes:
+            final = "SELECT 1 WHERE false"
+        else:
+            return self.outbox
+        sql = ("WITH " + ", ".join(ctes) + " " if ctes else "") + final
+        rows_out = await (await driver(conn)).fetch(sql, *params)
+        # Ids only serve to delete published rows, so pairing them in order is enough.
+        for msg, row in zip(self.outbox, rows_out, strict=True):
+            msg.outbox_id = row[0]
         return self.outbox
 
 
-async def insert_envelopes(
-    conn: AsyncConnection, envelopes: list[tuple[Any, ...]], *, returning: bool = False
-) -> set[tuple[uuid.UUID, int]]:
-    """Insert envelopes; step/result ones are unique per (step, attempt, kind).
+ENVELOPE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "text[]", "text[]", "bytea[]")
 
-    With ``returning``, yields the (step, attempt) pairs that were new: a duplicate
-    result (redelivered, re-published) inserts nothing and so completes nothing.
+
+async def insert_envelopes(conn: AsyncConnection, envelopes: list[tuple[Any, ...]]) -> set[tuple[uuid.UUID, int]]:
+    """Insert envelopes and return the (step, attempt) pairs that were new.
+
+    Step and result envelopes are unique per (step, attempt, kind): a duplicate result
+    (redelivered, re-published) inserts nothing and so completes nothing.
     """
     cols = list(zip(*envelopes, strict=True))
-    sql = (
+    placeholders = ", ".join(f"${i + 1}::{cast}" for i, cast in enumerate(ENVELOPE_CASTS))
+    rows = await (await driver(conn)).fetch(
         "INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
-        "SELECT * FROM unnest(CAST(:tenant AS text[]), CAST(:run AS uuid[]), CAST(:step AS uuid[]),"
-        " CAST(:attempt AS int[]), CAST(:kind AS text[]), CAST(:hash AS text[]), CAST(:body AS bytea[])) "
-        "ON CONFLICT (step_id, attempt, kind) WHERE kind IN ('step', 'result') DO NOTHING"
+        f"SELECT * FROM unnest({placeholders}) "
+        "ON CONFLICT (step_id, attempt, kind) WHERE kind IN ('step', 'result') DO NOTHING "
+        "RETURNING step_id, attempt",
+        *(list(c) for c in cols),
     )
-    if returning:
-        sql += " RETURNING step_id, attempt"
-    result = await conn.execute(
-        text(sql),
-        {
-            "tenant": list(cols[0]),
-            "run": list(cols[1]),
-            "step": list(cols[2]),
-            "attempt": list(cols[3]),
-            "kind": list(cols[4]),
-            "hash": list(cols[5]),
-            "body": list(cols[6]),
-        },
-    )
-    if not returning:
-        return set()
-    return {(row[0], row[1]) for row in result}
+    return {(row[0], row[1]) for row in rows}
 
 
 def dumps_or_none(value: Any) -> str | None:

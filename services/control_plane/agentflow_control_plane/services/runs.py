@@ -62,8 +62,8 @@ async def create_run(
         existing = await _existing(repo, idempotency_key, request_hash)
         if existing is not None:
             return existing
-    stored = await repo.get_workflow_version(workflow, version)
-    key = (repo.tenant, stored.name, stored.version)
+    resolved = await repo.resolve_version(workflow, version)
+    key = (repo.tenant, workflow, resolved)
     compiled = (await specs.get_many(await repo.connection(), {key}))[key]
     run_id = uuid.UUID(bytes=os.urandom(16), version=4)
     decision = compiled.planner.start(run_input)
@@ -77,8 +77,8 @@ async def create_run(
         {
             "id": run_id,
             "tenant": repo.tenant,
-            "name": stored.name,
-            "version": stored.version,
+            "name": workflow,
+            "version": resolved,
             "status": status,
             "input": dumps_or_none(run_input),
             "output": dumps_or_none(outcome.output if outcome else None),
