@@ -35,10 +35,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx
 
@@ -168,31 +170,34 @@ class Stack:
             server.stop()
 
 
-async def _submit(client: httpx.AsyncClient, workflow: str, run_input: Any) -> tuple[str, float]:
+async def _submit(session: aiohttp.ClientSession, url: str, workflow: str, run_input: Any) -> tuple[str, float]:
     started = time.perf_counter()
-    response = await client.post("/v1/runs", json={"workflow": workflow, "input": run_input})
+    async with session.post(f"{url}/v1/runs", json={"workflow": workflow, "input": run_input}) as response:
+        body = await response.read()
     elapsed = time.perf_counter() - started
-    if response.status_code != 201:
-        raise RuntimeError(f"POST /v1/runs -> {response.status_code}: {response.text}")
-    return response.json()["id"], elapsed
+    if response.status != 201:
+        raise RuntimeError(f"POST /v1/runs -> {response.status}: {body[:500]!r}")
+    return str(json.loads(body)["id"]), elapsed
+
+
+def _session(stack: Stack, clients: int) -> aiohttp.ClientSession:
+    # aiohttp rather than httpx for the load generator: it needs several times less CPU
+    # per request, and on a 2-core machine the client competes with the server.
+    return aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {stack.token}"},
+        connector=aiohttp.TCPConnector(limit=clients),
+        timeout=aiohttp.ClientTimeout(total=60),
+    )
 
 
 async def _submit_many(stack: Stack, workflow: str, count: int, clients: int) -> list[float]:
     latencies: list[float] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(count):
-        queue.put_nowait(i)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"Authorization": f"Bearer {stack.token}"}
-    async with httpx.AsyncClient(base_url=stack.url, headers=headers, limits=limits, timeout=60) as client:
+    remaining = iter(range(count))
+    async with _session(stack, clients) as session:
 
         async def one_client() -> None:
-            while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                _, elapsed = await _submit(client, workflow, {"i": i})
+            for i in remaining:
+                _, elapsed = await _submit(session, stack.url, workflow, {"i": i})
                 latencies.append(elapsed)
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -253,13 +258,13 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
         await _wait_all(stack, "chain", 1, 600)
         chain = args.chain / await _span(stack, "chain")
 
-        headers = {"Authorization": f"Bearer {stack.token}"}
-        async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=30) as client:
+        async with _session(stack, 1) as session:
             for i in range(args.latency):
-                run_id, _ = await _submit(client, "single", i)
-                while (
-                    await stack.db.fetchval("SELECT status FROM runs WHERE id = $1", __import__("uuid").UUID(run_id))
-                ) not in ("succeeded", "failed"):
+                run_id, _ = await _submit(session, stack.url, "single", i)
+                while (await stack.db.fetchval("SELECT status FROM runs WHERE id = $1", uuid.UUID(run_id))) not in (
+                    "succeeded",
+                    "failed",
+                ):
                     await asyncio.sleep(0.0005)
         rows = await stack.db.fetch(
             "SELECT extract(epoch FROM r.finished_at - s.queued_at) * 1000 AS ms "

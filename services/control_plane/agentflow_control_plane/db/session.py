@@ -21,7 +21,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         # (plus re-preparing statements) under load costs more than waiting for one.
         max_overflow=0,
         pool_timeout=30,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per checkout on the hot path. A connection
+        # found dead raises a disconnect error, which invalidates the whole pool, so an
+        # outage costs at most one failed attempt per process (the engine loops retry).
+        pool_pre_ping=False,
         pool_recycle=1800,
         json_serializer=lambda value: orjson.dumps(value).decode(),
         json_deserializer=orjson.loads,

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.db.models import Run
 from agentflow_control_plane.db.repository import TenantRepository
+from agentflow_control_plane.db.session import driver
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
 from agentflow_core.canonical import content_hash
@@ -28,11 +28,10 @@ class CreatedRun:
     outgoing: list[OutMsg]
 
 
-INSERT_RUN = text(
+INSERT_RUN = (
     "INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input, output, error,"
     " planner_state, idempotency_key, request_hash, created_at, finished_at) "
-    "VALUES (:id, :tenant, :name, :version, :status, CAST(:input AS jsonb), CAST(:output AS jsonb), :error,"
-    " CAST(:state AS jsonb), :key, :rhash, :now, :finished) "
+    "VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9::text::jsonb, $10, $11, $12, $13) "
     "ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
 )
 
@@ -72,25 +71,23 @@ async def create_run(
     status = outcome.status if outcome else "pending"
     await repo.ensure_tenant()
     conn = await repo.connection()
-    inserted = await conn.execute(
+    inserted = await (await driver(conn)).fetchval(
         INSERT_RUN,
-        {
-            "id": run_id,
-            "tenant": repo.tenant,
-            "name": workflow,
-            "version": resolved,
-            "status": status,
-            "input": dumps_or_none(run_input),
-            "output": dumps_or_none(outcome.output if outcome else None),
-            "error": outcome.error if outcome else None,
-            "state": orjson.dumps(decision.state).decode(),
-            "key": idempotency_key,
-            "rhash": request_hash,
-            "now": now,
-            "finished": now if outcome else None,
-        },
+        run_id,
+        repo.tenant,
+        workflow,
+        resolved,
+        status,
+        dumps_or_none(run_input),
+        dumps_or_none(outcome.output if outcome else None),
+        outcome.error if outcome else None,
+        orjson.dumps(decision.state).decode(),
+        idempotency_key,
+        request_hash,
+        now,
+        now if outcome else None,
     )
-    if inserted.first() is None:
+    if inserted is None:
         # Lost a race with a concurrent request carrying the same key.
         await repo.session.rollback()
         assert idempotency_key is not None
