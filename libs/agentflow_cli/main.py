@@ -19,7 +19,9 @@ import click
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
 
 
@@ -32,9 +34,8 @@ def _install_uvloop() -> None:
 
 
 def _settings_or_exit(factory: Any) -> Any:
-    from pydantic import ValidationError
-
     from agentflow_core.errors import ConfigurationError
+    from pydantic import ValidationError
 
     try:
         return factory()
@@ -42,7 +43,8 @@ def _settings_or_exit(factory: Any) -> Any:
         raise click.ClickException(exc.message) from exc
     except ValidationError as exc:
         problems = "; ".join(
-            f"AGENTFLOW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+            f"AGENTFLOW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
         )
         raise click.ClickException(f"invalid settings: {problems}") from exc
 
@@ -57,7 +59,6 @@ def cli() -> None:
 def control_plane() -> None:
     """Run the control plane (REST API and engine), configured by AGENTFLOW_* variables."""
     import uvicorn
-
     from agentflow_control_plane.app import create_app
     from agentflow_control_plane.settings import ControlPlaneSettings
 
@@ -77,7 +78,11 @@ def control_plane() -> None:
 
 @cli.command()
 @click.option("--queue", help="Queue to consume (default: AGENTFLOW_WORKER_QUEUE or 'default').")
-@click.option("--concurrency", type=int, help="Steps run at once (default: AGENTFLOW_WORKER_CONCURRENCY or 64).")
+@click.option(
+    "--concurrency",
+    type=int,
+    help="Steps run at once (default: AGENTFLOW_WORKER_CONCURRENCY or 64).",
+)
 def worker(queue: str | None, concurrency: int | None) -> None:
     """Run a worker that executes steps from one queue."""
     from agentflow_worker.settings import WorkerSettings
@@ -118,7 +123,9 @@ def migrate() -> None:
 @click.option("--tenant", required=True, help="Tenant the token acts for.")
 @click.option("--role", "roles", multiple=True, default=["admin"], show_default=True,
               type=click.Choice(["admin", "operator", "viewer"]), help="Role (repeatable).")  # fmt: skip
-@click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1), help="Lifetime in seconds.")
+@click.option(
+    "--ttl", default=3600, show_default=True, type=click.IntRange(1), help="Lifetime in seconds."
+)
 @click.option("--subject", default="cli", show_default=True, help="The token's 'sub' claim.")
 def token(tenant: str, roles: tuple[str, ...], ttl: int, subject: str) -> None:
     """Print an HS256 token signed with AGENTFLOW_JWT_SECRET."""
@@ -127,9 +134,15 @@ def token(tenant: str, roles: tuple[str, ...], ttl: int, subject: str) -> None:
 
     settings = _settings_or_exit(ControlPlaneSettings)
     if not settings.jwt_secret:
-        raise click.ClickException("AGENTFLOW_JWT_SECRET is not set (RS256 tokens are signed by your issuer)")
+        raise click.ClickException(
+            "AGENTFLOW_JWT_SECRET is not set (RS256 tokens are signed by your issuer)"
+        )
     try:
-        click.echo(issue_token(settings.jwt_secret, tenant=tenant, roles=list(roles), subject=subject, ttl_s=ttl))
+        click.echo(
+            issue_token(
+                settings.jwt_secret, tenant=tenant, roles=list(roles), subject=subject, ttl_s=ttl
+            )
+        )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -139,7 +152,9 @@ def token(tenant: str, roles: tuple[str, ...], ttl: int, subject: str) -> None:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--home", type=click.Path(path_type=Path), help="State directory (default: /var/lib/agentflow "
               "as root, ~/.agentflow otherwise).")  # fmt: skip
-@click.option("--demo/--no-demo", default=False, help="Register and run the 'hello' workflow once ready.")
+@click.option(
+    "--demo/--no-demo", default=False, help="Register and run the 'hello' workflow once ready."
+)
 def up(workers: int, port: int, home: Path | None, demo: bool) -> None:
     """Start Postgres, NATS, migrations, a control plane and N workers; Ctrl-C stops all."""
     from agentflow_cli.stack import Stack
@@ -152,11 +167,27 @@ def up(workers: int, port: int, home: Path | None, demo: bool) -> None:
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--input", "input_json", default="null", help="Run input as JSON.")
-@click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the run until it ends.")
-@click.option("--api-url", envvar="AGENTFLOW_API_URL", help="Control plane URL (default: the local stack).")
-@click.option("--token", "api_token", envvar="AGENTFLOW_TOKEN", help="Bearer token (default: the local stack's).")
+@click.option(
+    "--wait/--no-wait", default=True, show_default=True, help="Follow the run until it ends."
+)
+@click.option(
+    "--api-url", envvar="AGENTFLOW_API_URL", help="Control plane URL (default: the local stack)."
+)
+@click.option(
+    "--token",
+    "api_token",
+    envvar="AGENTFLOW_TOKEN",
+    help="Bearer token (default: the local stack's).",
+)
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the run.")
-def run(file: Path, input_json: str, wait: bool, api_url: str | None, api_token: str | None, timeout: float) -> None:
+def run(
+    file: Path,
+    input_json: str,
+    wait: bool,
+    api_url: str | None,
+    api_token: str | None,
+    timeout: float,
+) -> None:
     """Register FILE (YAML/JSON workflow), start a run and show its progress."""
     from agentflow_cli.run_command import run_workflow
 
@@ -164,7 +195,9 @@ def run(file: Path, input_json: str, wait: bool, api_url: str | None, api_token:
         run_input = json.loads(input_json)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--input") from exc
-    sys.exit(run_workflow(file, run_input, wait=wait, api_url=api_url, token=api_token, timeout=timeout))
+    sys.exit(
+        run_workflow(file, run_input, wait=wait, api_url=api_url, token=api_token, timeout=timeout)
+    )
 
 
 def main() -> None:
@@ -173,6 +206,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-

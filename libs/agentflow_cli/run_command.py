@@ -21,7 +21,9 @@ STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running"
 
 def _table(run: dict[str, Any]) -> Table:
     status = run["status"]
-    table = Table(title=f"run {run['id']} · {run['workflow']} v{run['version']} · [{STYLE.get(status, '')}]{status}[/]")
+    table = Table(
+        title=f"run {run['id']} · {run['workflow']} v{run['version']} · [{STYLE.get(status, '')}]{status}[/]"
+    )
     for column in ("#", "state", "agent", "status", "attempts", "worker", "ms"):
         table.add_column(column)
     for step in run["steps"]:
@@ -50,18 +52,28 @@ def _error(response: httpx.Response) -> str:
 
 
 def run_workflow(
-    file: Path, run_input: Any, *, wait: bool, api_url: str | None, token: str | None, timeout: float
+    file: Path,
+    run_input: Any,
+    *,
+    wait: bool,
+    api_url: str | None,
+    token: str | None,
+    timeout: float,
 ) -> int:
     if not api_url or not token:
         state = load_stack_state()
         if state is None:
-            console.print("[red]no API URL/token: set AGENTFLOW_API_URL and AGENTFLOW_TOKEN, or start `agentflow up`[/]")
+            console.print(
+                "[red]no API URL/token: set AGENTFLOW_API_URL and AGENTFLOW_TOKEN, or start `agentflow up`[/]"
+            )
             return 2
         api_url = api_url or state["api_url"]
         token = token or state["token"]
     source = file.read_bytes()
     content_type = "application/json" if file.suffix == ".json" else "application/yaml"
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+    with httpx.Client(
+        base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as client:
         import yaml
 
         try:
@@ -71,12 +83,16 @@ def run_workflow(
         if not isinstance(name, str):
             console.print(f"[red]{file}: the workflow needs a top-level 'name'[/]")
             return 2
-        put = client.put(f"/v1/workflows/{name}", content=source, headers={"Content-Type": content_type})
+        put = client.put(
+            f"/v1/workflows/{name}", content=source, headers={"Content-Type": content_type}
+        )
         if put.status_code != 200:
             console.print(f"[red]registering {file} failed[/]\n{_error(put)}")
             return 2
         version = put.json()["version"]
-        created = client.post("/v1/runs", json={"workflow": name, "version": version, "input": run_input})
+        created = client.post(
+            "/v1/runs", json={"workflow": name, "version": version, "input": run_input}
+        )
         if created.status_code not in (200, 201):
             console.print(f"[red]starting the run failed[/]\n{_error(created)}")
             return 2

@@ -112,32 +112,52 @@ def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
         if allowed is None:
             known = ", ".join(sorted(BUILTIN_AGENT_TYPES))
             errors.append(
-                {"loc": f"agents.{name}.type", "msg": f"unknown agent type '{agent.type}' (known: {known})"}
+                {
+                    "loc": f"agents.{name}.type",
+                    "msg": f"unknown agent type '{agent.type}' (known: {known})",
+                }
             )
             continue
         for key, value in agent.config.items():
             expected = allowed.get(key)
             if expected is None:
-                errors.append({"loc": f"agents.{name}.{key}", "msg": f"unknown setting for a '{agent.type}' agent"})
-            elif not isinstance(value, expected) or isinstance(value, bool) or (
-                isinstance(value, int) and value < 0
+                errors.append(
+                    {
+                        "loc": f"agents.{name}.{key}",
+                        "msg": f"unknown setting for a '{agent.type}' agent",
+                    }
+                )
+            elif (
+                not isinstance(value, expected)
+                or isinstance(value, bool)
+                or (isinstance(value, int) and value < 0)
             ):
-                errors.append({"loc": f"agents.{name}.{key}", "msg": "must be a non-negative integer"})
+                errors.append(
+                    {"loc": f"agents.{name}.{key}", "msg": "must be a non-negative integer"}
+                )
 
     fsm = spec.planner
     finals = set(fsm.final_states)
     for dup in finals & set(fsm.states):
-        errors.append({"loc": f"planner.final_states", "msg": f"'{dup}' is both a state and a final state"})
+        errors.append(
+            {"loc": "planner.final_states", "msg": f"'{dup}' is both a state and a final state"}
+        )
     if fsm.initial_state not in fsm.states:
-        errors.append({"loc": "planner.initial_state", "msg": f"unknown state '{fsm.initial_state}'"})
+        errors.append(
+            {"loc": "planner.initial_state", "msg": f"unknown state '{fsm.initial_state}'"}
+        )
     targets = set(fsm.states) | finals
     for name, state in fsm.states.items():
         if state.agent not in spec.agents:
-            errors.append({"loc": f"planner.states.{name}.agent", "msg": f"unknown agent '{state.agent}'"})
+            errors.append(
+                {"loc": f"planner.states.{name}.agent", "msg": f"unknown agent '{state.agent}'"}
+            )
         for field in ("on_success", "on_error"):
             target = getattr(state, field)
             if target is not None and target not in targets:
-                errors.append({"loc": f"planner.states.{name}.{field}", "msg": f"unknown state '{target}'"})
+                errors.append(
+                    {"loc": f"planner.states.{name}.{field}", "msg": f"unknown state '{target}'"}
+                )
     if errors:
         return errors
 
@@ -155,10 +175,17 @@ def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
                 queue.append(target)
     for name in fsm.states:
         if name not in seen:
-            errors.append({"loc": f"planner.states.{name}", "msg": "state is unreachable from the initial state"})
+            errors.append(
+                {
+                    "loc": f"planner.states.{name}",
+                    "msg": "state is unreachable from the initial state",
+                }
+            )
     for name in fsm.final_states:
         if name not in seen:
-            errors.append({"loc": "planner.final_states", "msg": f"final state '{name}' is unreachable"})
+            errors.append(
+                {"loc": "planner.final_states", "msg": f"final state '{name}' is unreachable"}
+            )
     return errors
 
 
@@ -172,7 +199,9 @@ def load_document(text: str | bytes) -> Any:
         ) from exc
 
 
-def parse_workflow(source: str | bytes | dict[str, Any], *, name: str | None = None) -> WorkflowSpec:
+def parse_workflow(
+    source: str | bytes | dict[str, Any], *, name: str | None = None
+) -> WorkflowSpec:
     """Validate a workflow from YAML/JSON text or a mapping.
 
     ``name`` (from the URL) fills a missing ``name`` and must match a present one.
@@ -180,7 +209,8 @@ def parse_workflow(source: str | bytes | dict[str, Any], *, name: str | None = N
     data = load_document(source) if isinstance(source, str | bytes) else source
     if not isinstance(data, dict):
         raise ValidationFailed(
-            "workflow must be a mapping", details=[{"loc": "body", "msg": "expected a mapping at the top level"}]
+            "workflow must be a mapping",
+            details=[{"loc": "body", "msg": "expected a mapping at the top level"}],
         )
     if name is not None:
         body_name = data.get("name")
@@ -202,5 +232,7 @@ def parse_workflow(source: str | bytes | dict[str, Any], *, name: str | None = N
     try:
         spec.spec_hash()
     except CanonicalizationError as exc:
-        raise ValidationFailed("invalid workflow spec", details=[{"loc": "body", "msg": exc.message}]) from exc
+        raise ValidationFailed(
+            "invalid workflow spec", details=[{"loc": "body", "msg": exc.message}]
+        ) from exc
     return spec

@@ -43,7 +43,10 @@ def upgrade() -> None:
         sa.Column("created_at", TS, server_default=sa.func.now(), nullable=False),
     )
     op.create_index(
-        "uq_workflow_versions_hash", "workflow_versions", ["tenant_id", "name", "spec_hash"], unique=True
+        "uq_workflow_versions_hash",
+        "workflow_versions",
+        ["tenant_id", "name", "spec_hash"],
+        unique=True,
     )
     op.create_table(
         "runs",
@@ -74,7 +77,12 @@ def upgrade() -> None:
         "steps",
         sa.Column("id", pg.UUID(as_uuid=True), primary_key=True),
         sa.Column("tenant_id", sa.String(64), nullable=False),
-        sa.Column("run_id", pg.UUID(as_uuid=True), sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "run_id",
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("runs.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("seq", sa.Integer, nullable=False),
         sa.Column("state", sa.String(128), nullable=False),
         sa.Column("agent", sa.String(128), nullable=False),
@@ -96,13 +104,21 @@ def upgrade() -> None:
     )
     op.create_index("uq_steps_run_seq", "steps", ["run_id", "seq"], unique=True)
     op.create_index(
-        "ix_steps_retry_due", "steps", ["next_attempt_at"], postgresql_where=sa.text("next_attempt_at IS NOT NULL")
+        "ix_steps_retry_due",
+        "steps",
+        ["next_attempt_at"],
+        postgresql_where=sa.text("next_attempt_at IS NOT NULL"),
     )
     op.create_table(
         "envelopes",
         sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
         sa.Column("tenant_id", sa.String(64), nullable=False),
-        sa.Column("run_id", pg.UUID(as_uuid=True), sa.ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "run_id",
+            pg.UUID(as_uuid=True),
+            sa.ForeignKey("runs.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
         sa.Column("step_id", pg.UUID(as_uuid=True), nullable=False),
         sa.Column("attempt", sa.Integer, nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
@@ -133,5 +149,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for table in ("outbox", "envelopes", "steps", "runs", "workflow_versions", "workflows", "tenants"):
+    for table in (
+        "outbox",
+        "envelopes",
+        "steps",
+        "runs",
+        "workflow_versions",
+        "workflows",
+        "tenants",
+    ):
         op.drop_table(table)

@@ -8,11 +8,11 @@ from typing import Any
 
 import nats
 import orjson
-
 from agentflow_bus.connection import ensure_consumer
 from agentflow_bus.settings import BusSettings
 from agentflow_bus.subjects import Names
 from agentflow_core.envelope import open_envelope, seal
+
 from tests.support.processes import Api, Cluster, chain_workflow
 from tests.support.services import TestEnv
 
@@ -29,21 +29,33 @@ def test_failed_attempts_are_retried_with_backoff(api: Api) -> None:
         ("result", 1), ("result", 2), ("result", 3), ("step", 1), ("step", 2), ("step", 3)
     ]  # fmt: skip
     results = [e["envelope"] for e in envelopes if e["kind"] == "result"]
-    assert [r["status"] for r in sorted(results, key=lambda r: r["attempt"])] == ["failed", "failed", "succeeded"]
+    assert [r["status"] for r in sorted(results, key=lambda r: r["attempt"])] == [
+        "failed",
+        "failed",
+        "succeeded",
+    ]
     # Backoff: attempt 3 started at least 100 + 200 ms after attempt 1 finished.
-    first, last = sorted(results, key=lambda r: r["attempt"])[0], sorted(results, key=lambda r: r["attempt"])[-1]
+    first, last = (
+        sorted(results, key=lambda r: r["attempt"])[0],
+        sorted(results, key=lambda r: r["attempt"])[-1],
+    )
     assert last["started_us"] - first["finished_us"] >= 300_000
 
 
 def test_exhausted_retries_follow_on_error(api: Api) -> None:
     spec = {
         "name": "errpath",
-        "agents": {"bad": {"type": "fail", "times": 5, "retry": {"max_attempts": 2}}, "rescue": {"type": "echo"}},
+        "agents": {
+            "bad": {"type": "fail", "times": 5, "retry": {"max_attempts": 2}},
+            "rescue": {"type": "echo"},
+        },
         "planner": {
             "type": "fsm",
             "initial_state": "try",
-            "states": {"try": {"agent": "bad", "on_success": "done", "on_error": "rescue"},
-                       "rescue": {"agent": "rescue", "on_success": "done"}},  # fmt: skip
+            "states": {
+                "try": {"agent": "bad", "on_success": "done", "on_error": "rescue"},
+                "rescue": {"agent": "rescue", "on_success": "done"},
+            },  # fmt: skip
             "final_states": ["done"],
         },
     }
@@ -117,7 +129,9 @@ def test_worker_rejects_a_tampered_step_and_the_control_plane_records_why(
     assert "step envelope rejected: hash mismatch" in run["steps"][0]["error"]
 
 
-def test_control_plane_rejects_a_tampered_result_and_ignores_duplicates(api: Api, shared_env: TestEnv) -> None:
+def test_control_plane_rejects_a_tampered_result_and_ignores_duplicates(
+    api: Api, shared_env: TestEnv
+) -> None:
     api.put_workflow(chain_workflow("forged-result", 2, {"type": "echo", "queue": "hand"}))
     run_id = api.start("forged-result", "in")
     names = Names(shared_env.prefix)
@@ -135,7 +149,9 @@ def test_control_plane_rejects_a_tampered_result_and_ignores_duplicates(api: Api
     assert [s["status"] for s in run["steps"]][0] == "succeeded"
     wire2, _ = seal(_result_for(step2, run["steps"][1]["step_hash"], "honest"))
     forged = wire2.replace(b'"honest"', b'"forged"')
-    asyncio.run(_publish(shared_env, names.result_subject(step2["tenant"]), forged, "forged-result"))
+    asyncio.run(
+        _publish(shared_env, names.result_subject(step2["tenant"]), forged, "forged-result")
+    )
     run = api.wait(run_id)
     assert run["status"] == "failed"
     assert run["steps"][1]["error"].startswith("result rejected: hash mismatch")

@@ -20,7 +20,6 @@ from typing import Any
 
 import asyncpg
 import nats
-
 from agentflow_cli.embedded import EmbeddedNats, EmbeddedPostgres
 from agentflow_control_plane.db.migrate import upgrade
 

@@ -26,7 +26,9 @@ class FsmPlanner:
             return Decision(
                 state={"current": state_name, "seq": seq - 1},
                 outcome=RunOutcome(
-                    "failed", last, f"run exceeded max_steps={self._fsm.max_steps} (runaway loop guard)"
+                    "failed",
+                    last,
+                    f"run exceeded max_steps={self._fsm.max_steps} (runaway loop guard)",
                 ),
             )
         agent = self._fsm.states[state_name].agent
@@ -47,7 +49,9 @@ class FsmPlanner:
         target = node.on_success if ok else node.on_error
         if target is None:
             error = result.error or f"step '{current}' {result.status}"
-            return Decision(state={**state, "current": None}, outcome=RunOutcome("failed", result.output, error))
+            return Decision(
+                state={**state, "current": None}, outcome=RunOutcome("failed", result.output, error)
+            )
         if target in self._finals:
             final = {"current": target, "seq": result.seq}
             if ok:

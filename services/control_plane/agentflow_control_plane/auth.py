@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 
 import jwt
+from agentflow_core.errors import Forbidden, Unauthorized
 
 from agentflow_control_plane.settings import ControlPlaneSettings
-from agentflow_core.errors import Forbidden, Unauthorized
 
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ROLES = ("admin", "operator", "viewer")
@@ -52,7 +52,11 @@ class TokenVerifier:
             raise Unauthorized(f"token algorithm {alg!r} is not accepted")
         try:
             claims = jwt.decode(
-                token, key, algorithms=[alg], options={"require": ["exp", "sub", "tenant"]}, leeway=5
+                token,
+                key,
+                algorithms=[alg],
+                options={"require": ["exp", "sub", "tenant"]},
+                leeway=5,
             )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthorized("token expired") from exc

@@ -4,17 +4,41 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-STEPS_DISPATCHED = Counter("agentflow_steps_dispatched_total", "Step messages published to JetStream")
+STEPS_DISPATCHED = Counter(
+    "agentflow_steps_dispatched_total", "Step messages published to JetStream"
+)
 STEPS_COMPLETED = Counter("agentflow_steps_completed_total", "Steps that finished successfully")
 STEPS_FAILED = Counter(
-    "agentflow_steps_failed_total", "Step attempts that failed, timed out or were rejected", ["reason"]
+    "agentflow_steps_failed_total",
+    "Step attempts that failed, timed out or were rejected",
+    ["reason"],
 )
 STEP_RETRIES = Counter("agentflow_step_retries_total", "Step attempts scheduled after a failure")
-RUNS_FINISHED = Counter("agentflow_runs_finished_total", "Runs that reached a final status", ["status"])
+RUNS_FINISHED = Counter(
+    "agentflow_runs_finished_total", "Runs that reached a final status", ["status"]
+)
 STEP_LATENCY = Histogram(
     "agentflow_step_latency_seconds",
     "From dispatch of a step attempt to its result committed",
-    buckets=(0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    buckets=(
+        0.001,
+        0.002,
+        0.003,
+        0.005,
+        0.0075,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+        30,
+        60,
+    ),
 )
 RESULTS_BATCH = Histogram(
     "agentflow_results_batch_size",

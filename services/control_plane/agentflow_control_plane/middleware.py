@@ -26,7 +26,10 @@ class BodyLimitMiddleware:
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -95,4 +98,6 @@ class MetricsMiddleware:
         finally:
             route: Any = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            metrics.HTTP_LATENCY.labels(scope["method"], path, str(status)).observe(time.perf_counter() - started)
+            metrics.HTTP_LATENCY.labels(scope["method"], path, str(status)).observe(
+                time.perf_counter() - started
+            )

@@ -5,11 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from agentflow_bus.settings import BusSettings
 from agentflow_core.errors import ConfigurationError
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Accepted only in dev mode; outside it the control plane refuses to start with it.
 DEV_JWT_SECRET = "agentflow-dev-secret-do-not-use-in-production"
@@ -73,7 +72,12 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
 
 def to_async_url(url: str) -> str:
     """SQLAlchemy URL with the asyncpg driver for a plain ``postgresql://`` URL."""
-    for plain in ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://"):
+    for plain in (
+        "postgresql://",
+        "postgres://",
+        "postgresql+psycopg://",
+        "postgresql+psycopg2://",
+    ):
         if url.startswith(plain):
             return "postgresql+asyncpg://" + url[len(plain) :]
     return url

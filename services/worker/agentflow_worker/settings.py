@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
-from pydantic import Field
-
 from agentflow_bus.settings import BusSettings
+from pydantic import Field
 
 
 class WorkerSettings(BusSettings):

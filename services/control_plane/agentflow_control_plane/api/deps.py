@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+from agentflow_core.errors import Unavailable
 from fastapi import Depends, Header, Request
 
 from agentflow_control_plane.auth import Principal
 from agentflow_control_plane.db.repository import TenantRepository
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.state import AppState
-from agentflow_core.errors import Unavailable
 
 
 # Dependencies are async on purpose: FastAPI runs plain `def` dependencies in a thread

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from agentflow_core.errors import AgentFlowError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from agentflow_core.errors import AgentFlowError
 
 log = logging.getLogger("agentflow.api")
 
@@ -31,7 +30,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": _loc(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         return JSONResponse(
-            {"code": "validation_failed", "detail": "invalid request", "errors": errors}, status_code=422
+            {"code": "validation_failed", "detail": "invalid request", "errors": errors},
+            status_code=422,
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -7,6 +7,7 @@ import uuid
 from typing import Annotated, Any
 
 import orjson
+from agentflow_core.spec import NAME_PATTERN
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
@@ -25,7 +26,6 @@ from agentflow_control_plane.api.schemas import (
 from agentflow_control_plane.db.models import Run, Step
 from agentflow_control_plane.services import runs as run_service
 from agentflow_control_plane.services import workflows as workflow_service
-from agentflow_core.spec import NAME_PATTERN
 
 router = APIRouter(prefix="/v1")
 
@@ -86,10 +86,14 @@ _WORKFLOW_BODY = {
 
 
 @router.put("/workflows/{name}", response_model=WorkflowVersionOut, openapi_extra=_WORKFLOW_BODY)
-async def put_workflow(name: WorkflowName, request: Request, repo: TenantRepo, _: Writer) -> WorkflowVersionOut:
+async def put_workflow(
+    name: WorkflowName, request: Request, repo: TenantRepo, _: Writer
+) -> WorkflowVersionOut:
     """Register a workflow from a YAML or JSON body. A changed spec becomes a new version."""
     stored = await workflow_service.put_workflow(repo, name, await request.body())
-    return WorkflowVersionOut(name=stored.name, version=stored.version, spec_hash=stored.spec_hash, created=stored.created)
+    return WorkflowVersionOut(
+        name=stored.name, version=stored.version, spec_hash=stored.spec_hash, created=stored.created
+    )
 
 
 @router.get("/workflows/{name}", response_model=WorkflowOut)
@@ -108,7 +112,9 @@ async def get_workflow(
     )
 
 
-@router.post("/runs", status_code=201, response_model=CreateRunOut, responses={200: {"model": CreateRunOut}})
+@router.post(
+    "/runs", status_code=201, response_model=CreateRunOut, responses={200: {"model": CreateRunOut}}
+)
 async def create_run(
     body: CreateRunIn,
     state: StateDep,
@@ -196,4 +202,3 @@ async def cancel_run(run_id: uuid.UUID, state: StateDep, repo: TenantRepo, _: Wr
         # Best effort: workers stop the run's in-flight steps; late results are ignored anyway.
         await state.nc.publish(state.names.cancel_subject, orjson.dumps({"run": str(run_id)}))
     return _run_out(run, await repo.get_steps(run_id))
-

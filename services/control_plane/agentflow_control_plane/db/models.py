@@ -10,7 +10,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, func, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    func,
+    text,
+)
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -40,7 +51,9 @@ class WorkflowVersion(Base):
     """An immutable version of a workflow spec, identified by its content hash."""
 
     __tablename__ = "workflow_versions"
-    __table_args__ = (Index("uq_workflow_versions_hash", "tenant_id", "name", "spec_hash", unique=True),)
+    __table_args__ = (
+        Index("uq_workflow_versions_hash", "tenant_id", "name", "spec_hash", unique=True),
+    )
 
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -95,7 +108,9 @@ class Step(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
-    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
+    )
     seq: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(128))
     agent: Mapped[str] = mapped_column(String(128))
@@ -134,7 +149,9 @@ class Envelope(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
-    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"))
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
+    )
     step_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     attempt: Mapped[int] = mapped_column(Integer)
     #: step | result | rejected (a result that failed verification, kept as evidence)

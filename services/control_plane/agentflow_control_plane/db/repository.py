@@ -8,17 +8,18 @@ row is indistinguishable from a missing one (404).
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
+from agentflow_core.errors import NotFound
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from agentflow_control_plane.db.models import Envelope, Run, Step, Workflow, WorkflowVersion
 from agentflow_control_plane.db.session import driver
-from agentflow_control_plane.db.models import Envelope, Run, Step, Tenant, Workflow, WorkflowVersion
-from agentflow_core.errors import NotFound
 
 _known_tenants: set[str] = set()
 
@@ -40,15 +41,25 @@ class TenantRepository:
     async def connection(self) -> AsyncConnection:
         return await self.session.connection()
 
+    async def driver(self) -> asyncpg.Connection:
+        """The session's asyncpg connection; statements sent to it autocommit one by one
+        (see :func:`agentflow_control_plane.db.session.driver`)."""
+        return await driver(await self.connection())
+
     async def ensure_tenant(self) -> None:
         if self.tenant in _known_tenants:
             return
-        await self.session.execute(insert(Tenant).values(id=self.tenant).on_conflict_do_nothing())
+        # Autocommitted on its own: idempotent, and needed before any row of the tenant.
+        await (await self.driver()).execute(
+            "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", self.tenant
+        )
         _known_tenants.add(self.tenant)
 
     # --- workflows -------------------------------------------------------------------
 
-    async def put_workflow_version(self, name: str, spec: dict[str, Any], spec_hash: str) -> StoredVersion:
+    async def put_workflow_version(
+        self, name: str, spec: dict[str, Any], spec_hash: str
+    ) -> StoredVersion:
         """Store a new immutable version unless this exact spec is already one."""
         await self.ensure_tenant()
         existing = await self.session.scalar(
@@ -67,7 +78,9 @@ class TenantRepository:
             .on_conflict_do_nothing()
         )
         workflow = await self.session.scalar(
-            select(Workflow).where(Workflow.tenant_id == self.tenant, Workflow.name == name).with_for_update()
+            select(Workflow)
+            .where(Workflow.tenant_id == self.tenant, Workflow.name == name)
+            .with_for_update()
         )
         assert workflow is not None
         existing = await self.session.scalar(
@@ -83,12 +96,16 @@ class TenantRepository:
         workflow.latest_version = version
         workflow.updated_at = datetime.now(UTC)
         self.session.add(
-            WorkflowVersion(tenant_id=self.tenant, name=name, version=version, spec_hash=spec_hash, spec=spec)
+            WorkflowVersion(
+                tenant_id=self.tenant, name=name, version=version, spec_hash=spec_hash, spec=spec
+            )
         )
         return StoredVersion(name, version, spec_hash, spec, created=True)
 
     async def get_workflow_version(self, name: str, version: int | None = None) -> WorkflowVersion:
-        query = select(WorkflowVersion).where(WorkflowVersion.tenant_id == self.tenant, WorkflowVersion.name == name)
+        query = select(WorkflowVersion).where(
+            WorkflowVersion.tenant_id == self.tenant, WorkflowVersion.name == name
+        )
         if version is None:
             query = query.order_by(WorkflowVersion.version.desc()).limit(1)
         else:
@@ -105,10 +122,12 @@ class TenantRepository:
         Raw SQL: this sits on the ``POST /v1/runs`` path, where the ORM's per-query
         overhead was a fifth of the request's cost.
         """
-        conn = await driver(await self.connection())
+        conn = await self.driver()
         if version is None:
             found = await conn.fetchval(
-                "SELECT max(version) FROM workflow_versions WHERE tenant_id = $1 AND name = $2", self.tenant, name
+                "SELECT max(version) FROM workflow_versions WHERE tenant_id = $1 AND name = $2",
+                self.tenant,
+                name,
             )
         else:
             found = await conn.fetchval(
@@ -132,10 +151,19 @@ class TenantRepository:
 
     # --- runs --------------------------------------------------------------------------
 
-    async def find_run_by_idempotency_key(self, key: str) -> Run | None:
-        return await self.session.scalar(
-            select(Run).where(Run.tenant_id == self.tenant, Run.idempotency_key == key)
+    async def find_run_by_idempotency_key(self, key: str) -> asyncpg.Record | None:
+        """(id, status, request_hash) of the run started with this key, if any.
+
+        Raw and autocommitted like the rest of run creation: an ORM statement here
+        would open a transaction that the following raw statements would join.
+        """
+        conn = await self.driver()
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "SELECT id, status, request_hash FROM runs WHERE tenant_id = $1 AND idempotency_key = $2",
+            self.tenant,
+            key,
         )
+        return row
 
     async def get_run(self, run_id: uuid.UUID, *, for_update: bool = False) -> Run:
         query = select(Run).where(Run.tenant_id == self.tenant, Run.id == run_id)
@@ -158,7 +186,9 @@ class TenantRepository:
     async def get_steps(self, run_id: uuid.UUID) -> list[Step]:
         return list(
             await self.session.scalars(
-                select(Step).where(Step.tenant_id == self.tenant, Step.run_id == run_id).order_by(Step.seq)
+                select(Step)
+                .where(Step.tenant_id == self.tenant, Step.run_id == run_id)
+                .order_by(Step.seq)
             )
         )
 
@@ -192,7 +222,8 @@ class TenantRepository:
             {"id": run_id, "tenant": self.tenant},
         )
         await conn.execute(
-            text("DELETE FROM outbox WHERE run_id = :id AND tenant_id = :tenant"), {"id": run_id, "tenant": self.tenant}
+            text("DELETE FROM outbox WHERE run_id = :id AND tenant_id = :tenant"),
+            {"id": run_id, "tenant": self.tenant},
         )
         await self.session.refresh(run)
         return run

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 log = logging.getLogger("agentflow.db")
 
@@ -32,14 +40,31 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 
 async def driver(conn: AsyncConnection) -> asyncpg.Connection:
-    """The asyncpg connection under a SQLAlchemy one, inside the same transaction.
+    """The asyncpg connection under a SQLAlchemy one.
 
-    The engine's hot path sends set-based statements straight to asyncpg: SQLAlchemy's
-    per-statement overhead is larger than the statements' own cost there.
+    Beware: SQLAlchemy's asyncpg adapter sends BEGIN lazily, with its first statement,
+    so statements sent straight to this connection run in autocommit mode unless
+    SQLAlchemy already executed something in the transaction. Use it for single
+    statements, or use :func:`pg_transaction`.
     """
     raw = await conn.get_raw_connection()
     connection: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
     return connection
+
+
+@asynccontextmanager
+async def pg_autocommit(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled asyncpg connection outside any transaction (each statement commits)."""
+    async with engine.connect() as conn:
+        yield await driver(conn)
+
+
+@asynccontextmanager
+async def pg_transaction(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled asyncpg connection inside an explicit transaction (the engine's hot path:
+    SQLAlchemy's per-statement overhead is larger than the set-based statements' cost)."""
+    async with pg_autocommit(engine) as conn, conn.transaction():
+        yield conn
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

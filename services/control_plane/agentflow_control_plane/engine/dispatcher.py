@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from nats.js import JetStreamContext
 from sqlalchemy import text
@@ -53,10 +54,14 @@ class Dispatcher:
 
     async def publish(self, messages: list[OutMsg]) -> bool:
         """Publish committed messages; on failure leave their rows for the relay."""
+        return await self.confirm(messages, await self.send(messages))
+
+    async def send(self, messages: list[OutMsg]) -> list[asyncio.Future[Any]] | None:
+        """Write the messages to NATS without waiting for the stream's acks."""
         if not messages:
-            return True
+            return []
         try:
-            futures = [
+            return [
                 await self._js.publish_async(
                     m.subject,
                     m.body,
@@ -64,9 +69,26 @@ class Dispatcher:
                 )
                 for m in messages
             ]
+        except Exception as exc:  # NATS down: the relay retries from the outbox
+            log.warning(
+                "publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc
+            )
+            return None
+
+    async def confirm(
+        self, messages: list[OutMsg], futures: list[asyncio.Future[Any]] | None
+    ) -> bool:
+        """Wait for JetStream's acks, then let the rows be deleted."""
+        if not messages:
+            return True
+        if futures is None:
+            return False
+        try:
             await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
-        except Exception as exc:  # NATS down, timeout: the relay retries from the outbox
-            log.warning("publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc)
+        except Exception as exc:  # timeout, stream error: the relay retries from the outbox
+            log.warning(
+                "publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc
+            )
             return False
         metrics.STEPS_DISPATCHED.inc(len(messages))
         self._published.extend(m.outbox_id for m in messages)
@@ -80,7 +102,9 @@ class Dispatcher:
         ids, self._published = self._published, []
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": ids})
+                await conn.execute(
+                    text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": ids}
+                )
         except Exception as exc:
             # Rows stay; the relay re-publishes them later and JetStream dedupes.
             log.warning("deleting %d published outbox rows failed: %s", len(ids), exc)
@@ -121,13 +145,16 @@ class Dispatcher:
             ]
             futures = [
                 await self._js.publish_async(
-                    m.subject, m.body, headers={"Nats-Msg-Id": m.msg_id, "traceparent": m.traceparent}
+                    m.subject,
+                    m.body,
+                    headers={"Nats-Msg-Id": m.msg_id, "traceparent": m.traceparent},
                 )
                 for m in messages
             ]
             await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
             await conn.execute(
-                text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": [m.outbox_id for m in messages]}
+                text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"),
+                {"ids": [m.outbox_id for m in messages]},
             )
         metrics.STEPS_DISPATCHED.inc(len(messages))
         metrics.OUTBOX_RELAYED.inc(len(messages))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -19,22 +18,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
 from agentflow_bus.connection import ensure_consumer
 from agentflow_bus.pull import PullConsumer
 from agentflow_bus.subjects import Names
-from agentflow_control_plane import metrics
-from agentflow_control_plane.db.session import driver
-from agentflow_control_plane.engine.dispatcher import Dispatcher
-from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
-from agentflow_control_plane.engine.writes import WriteSet, dumps_or_none, insert_envelopes
-from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.envelope import check_result, open_envelope
 from agentflow_core.errors import EnvelopeRejected
 from agentflow_core.planners import StepResult
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from agentflow_control_plane import metrics
+from agentflow_control_plane.db.session import pg_transaction
+from agentflow_control_plane.engine.dispatcher import Dispatcher
+from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
+from agentflow_control_plane.engine.writes import WriteSet, dumps_or_none
+from agentflow_control_plane.settings import ControlPlaneSettings
 
 log = logging.getLogger("agentflow.results")
 
@@ -58,9 +57,28 @@ class Incoming:
 
 class StepRow:
     __slots__ = (
-        "attempt", "attempts", "dirty", "error", "finished_at", "id", "max_attempts", "next_attempt_at",
-        "output", "pickups_before", "queued_at", "result_hash", "run_id", "seq", "started_at", "state",
-        "status", "step_hash", "tenant", "worker", "agent",
+        "agent",
+        "attempt",
+        "attempts",
+        "dirty",
+        "error",
+        "finished_at",
+        "has_result",
+        "id",
+        "max_attempts",
+        "next_attempt_at",
+        "output",
+        "pickups_before",
+        "queued_at",
+        "result_hash",
+        "run_id",
+        "seq",
+        "started_at",
+        "state",
+        "status",
+        "step_hash",
+        "tenant",
+        "worker",
     )  # fmt: skip
 
     def __init__(self, row: Any) -> None:
@@ -72,6 +90,7 @@ class StepRow:
         self.output: Any = None
         self.error: str | None = None
         self.result_hash: str | None = None
+        self.has_result: bool = row[21]
         self.dirty = False
 
     def update_tuple(self) -> tuple[Any, ...]:
@@ -83,7 +102,18 @@ class StepRow:
 
 
 class RunRow:
-    __slots__ = ("dirty", "error", "finished_at", "id", "input", "key", "output", "started_at", "state", "status")
+    __slots__ = (
+        "dirty",
+        "error",
+        "finished_at",
+        "id",
+        "input",
+        "key",
+        "output",
+        "started_at",
+        "state",
+        "status",
+    )
 
     def __init__(self, row: Any) -> None:
         self.id: uuid.UUID = row[1]
@@ -107,7 +137,9 @@ class RunRow:
 LOAD_SQL = (
     "SELECT s.id, s.run_id, s.tenant_id, s.seq, s.state, s.agent, s.status, s.attempt, s.max_attempts,"
     " s.attempts, s.pickups_before, s.step_hash, s.queued_at, s.started_at, s.worker,"
-    " r.status, r.planner_state, r.input, r.workflow_name, r.workflow_version, r.started_at "
+    " r.status, r.planner_state, r.input, r.workflow_name, r.workflow_version, r.started_at,"
+    " EXISTS (SELECT 1 FROM envelopes e WHERE e.step_id = s.id AND e.attempt = s.attempt"
+    " AND e.kind = 'result') "
     "FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.id = ANY($1::uuid[]) "
     "ORDER BY r.id FOR UPDATE OF r"
 )
@@ -188,7 +220,9 @@ class ResultProcessor:
             await self.process(batch)
             self._backoff = 0.1
         except Exception as exc:
-            log.warning("result batch of %d failed (%s); redelivering", len(batch), exc, exc_info=True)
+            log.warning(
+                "result batch of %d failed (%s); redelivering", len(batch), exc, exc_info=True
+            )
             for msg in batch:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=self._backoff)
@@ -207,7 +241,9 @@ class ResultProcessor:
             check_result(body)
             return Incoming(msg, body, raw, digest, uuid.UUID(body["step"]))
         except (EnvelopeRejected, ValueError) as exc:
-            reason = exc.message if isinstance(exc, EnvelopeRejected) else f"malformed envelope: {exc}"
+            reason = (
+                exc.message if isinstance(exc, EnvelopeRejected) else f"malformed envelope: {exc}"
+            )
             step_id = None
             with contextlib.suppress(Exception):
                 step_id = uuid.UUID(orjson.loads(raw)["step"])
@@ -219,8 +255,8 @@ class ResultProcessor:
         writes = WriteSet(self._names, now)
         latencies: list[float] = []
         step_ids = list({i.step_id for i in incoming if i.step_id is not None})
-        async with self._engine.begin() as conn:
-            rows = await (await driver(conn)).fetch(LOAD_SQL, step_ids) if step_ids else []
+        async with pg_transaction(self._engine) as conn:
+            rows = await conn.fetch(LOAD_SQL, step_ids) if step_ids else []
             steps = {r[0]: StepRow(r) for r in rows}
             runs: dict[uuid.UUID, RunRow] = {}
             for r in rows:
@@ -228,64 +264,80 @@ class ResultProcessor:
                     runs[r[1]] = RunRow(r)
             compiled = await self._specs.get_many(conn, {run.key for run in runs.values()})
 
-            # Record envelopes first: the unique index decides which results are new.
-            records = []
+            # Holding the run locks, a result already recorded for a step's current
+            # attempt is visible (has_result): every writer of result envelopes takes
+            # the same locks first. Duplicates inside one batch are caught by `seen`.
+            seen: set[tuple[uuid.UUID, int]] = set()
             for item in incoming:
                 step = steps.get(item.step_id) if item.step_id else None
                 if step is None:
                     reason = item.reject_reason or "result for an unknown step"
-                    metrics.RESULTS_REJECTED.labels("unknown_step" if item.body else "invalid").inc()
+                    metrics.RESULTS_REJECTED.labels(
+                        "unknown_step" if item.body else "invalid"
+                    ).inc()
                     log.warning("dropping result message: %s", reason)
                     continue
-                if item.body is not None:
-                    body = item.body
+                run = runs[step.run_id]
+                body = item.body
+                if body is not None:
                     if body["tenant"] != step.tenant or body["run"] != str(step.run_id):
-                        item.body, item.reject_reason = None, "result names another tenant or run than its step"
+                        body, item.reject_reason = (
+                            None,
+                            "result names another tenant or run than its step",
+                        )
                     elif body["kind"] == "started":
-                        records.append((item, step))  # progress only: no envelope to keep
+                        self._started(step, run, body)  # progress only: no envelope to keep
                         continue
-                    elif body["attempt"] == step.attempt and step.step_hash and body["step_hash"] != step.step_hash:
-                        item.body = None
+                    elif (
+                        body["attempt"] == step.attempt
+                        and step.step_hash
+                        and body["step_hash"] != step.step_hash
+                    ):
+                        body = None
                         item.reject_reason = (
-                            f"result answers step envelope {body['step_hash']}, "
+                            f"result answers step envelope {item.body['step_hash'] if item.body else '?'}, "
                             f"but attempt {step.attempt} was dispatched as {step.step_hash}"
                         )
-                if item.body is None:
+                    item.body = body
+                if body is None:
                     metrics.RESULTS_REJECTED.labels("verification").inc()
                     attempt = step.attempt
                     with contextlib.suppress(Exception):
                         attempt = int(orjson.loads(item.raw)["attempt"])
                     digest = item.digest or "sha256:unverified"
-                    writes.add_envelope(step.tenant, step.run_id, step.id, attempt, "rejected", digest, item.raw)
-                    records.append((item, step))
-                    continue
-                writes.add_envelope(
-                    step.tenant, step.run_id, step.id, item.body["attempt"], "result", item.digest, item.raw
-                )
-                records.append((item, step))
-            new_pairs: set[tuple[uuid.UUID, int]] = set()
-            if writes.envelopes:
-                new_pairs = await insert_envelopes(conn, writes.envelopes)
-                writes.envelopes.clear()
-
-            for item, step in records:
-                run = runs[step.run_id]
-                body = item.body
-                if body is None:
+                    writes.add_envelope(
+                        step.tenant, step.run_id, step.id, attempt, "rejected", digest, item.raw
+                    )
                     # A result that failed verification counts as a failed attempt.
-                    if step.status in ACTIVE and run.status not in FINAL_RUN:
+                    if (
+                        attempt == step.attempt
+                        and step.status in ACTIVE
+                        and run.status not in FINAL_RUN
+                    ):
                         self._finish_attempt(
                             step, run, compiled.get(run.key), writes, now,
                             StepResult(step.seq, "rejected", None, f"result rejected: {item.reject_reason}"),
                         )  # fmt: skip
                     continue
-                if body["kind"] == "started":
-                    self._started(step, run, body)
-                    continue
-                if (step.id, body["attempt"]) not in new_pairs:
+                key = (step.id, body["attempt"])
+                if key in seen:
+                    continue  # the same result twice in this batch
+                seen.add(key)
+                current = body["attempt"] == step.attempt
+                if current and step.has_result:
                     continue  # duplicate delivery of a result already recorded
-                if body["attempt"] != step.attempt or step.status not in ACTIVE or run.status in FINAL_RUN:
+                writes.add_envelope(
+                    step.tenant,
+                    step.run_id,
+                    step.id,
+                    body["attempt"],
+                    "result",
+                    item.digest,
+                    item.raw,
+                )
+                if not current or step.status not in ACTIVE or run.status in FINAL_RUN:
                     continue  # late result of a superseded attempt or a finished run: recorded only
+                step.has_result = True
                 self._started(step, run, body)
                 step.finished_at = _ts(body["finished_us"])
                 step.result_hash = item.digest
@@ -299,8 +351,12 @@ class ResultProcessor:
             for run in runs.values():
                 if run.dirty:
                     writes.run_updates[run.id] = run.update_tuple()
-            outgoing = await writes.flush(conn)
+            await writes.flush(conn)
+        outgoing = writes.outbox
 
+        # Next steps go out first; acks are fire-and-forget writes; then wait for the
+        # stream to confirm the steps.
+        sent = await self._dispatcher.send(outgoing)
         for item in incoming:
             # Verified messages are acked; refused ones are terminated so they never return.
             await (item.msg.ack() if item.body is not None else item.msg.term())
@@ -309,7 +365,7 @@ class ResultProcessor:
         metrics.RESULTS_BATCH.observe(len(incoming))
         for latency in latencies:
             metrics.STEP_LATENCY.observe(latency)
-        await self._dispatcher.publish(outgoing)
+        await self._dispatcher.confirm(outgoing, sent)
 
     @staticmethod
     def _started(step: StepRow, run: RunRow, body: dict[str, Any]) -> None:

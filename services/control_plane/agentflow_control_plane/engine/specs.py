@@ -9,9 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
+import asyncpg
 from agentflow_core.planners import Planner, planner_for
 from agentflow_core.spec import WorkflowSpec
 
@@ -41,7 +39,9 @@ class SpecCache:
     def put_raw(self, key: SpecKey, raw: dict[str, Any], spec_hash: str) -> CompiledWorkflow:
         return self.put(key, WorkflowSpec.model_validate(raw), spec_hash)
 
-    async def get_many(self, conn: AsyncConnection, keys: set[SpecKey]) -> dict[SpecKey, CompiledWorkflow]:
+    async def get_many(
+        self, conn: asyncpg.Connection, keys: set[SpecKey]
+    ) -> dict[SpecKey, CompiledWorkflow]:
         found: dict[SpecKey, CompiledWorkflow] = {}
         missing: list[SpecKey] = []
         for key in keys:
@@ -51,13 +51,12 @@ class SpecCache:
             else:
                 found[key] = item
         if missing:
-            rows = await conn.execute(
-                text(
-                    "SELECT tenant_id, name, version, spec, spec_hash FROM workflow_versions "
-                    "WHERE (tenant_id, name, version) IN "
-                    "(SELECT * FROM unnest(CAST(:t AS text[]), CAST(:n AS text[]), CAST(:v AS int[])))"
-                ),
-                {"t": [k[0] for k in missing], "n": [k[1] for k in missing], "v": [k[2] for k in missing]},
+            rows = await conn.fetch(
+                "SELECT tenant_id, name, version, spec, spec_hash FROM workflow_versions "
+                "WHERE (tenant_id, name, version) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::int[]))",
+                [k[0] for k in missing],
+                [k[1] for k in missing],
+                [k[2] for k in missing],
             )
             for tenant, name, version, spec, spec_hash in rows:
                 key = (tenant, name, version)

@@ -15,25 +15,27 @@ import logging
 from datetime import UTC, datetime
 
 import orjson
-from sqlalchemy import text
+from agentflow_bus.subjects import Names
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from agentflow_bus.subjects import Names
+from agentflow_control_plane.db.session import pg_transaction
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.writes import WriteSet
 
 log = logging.getLogger("agentflow.timers")
 
-DUE_SQL = text(
+DUE_SQL = (
     "SELECT s.id, s.run_id, s.tenant_id, s.attempt, s.queue, e.body FROM steps s "
     "JOIN envelopes e ON e.step_id = s.id AND e.attempt = s.attempt - 1 AND e.kind = 'step' "
     "WHERE s.next_attempt_at <= now() AND s.status = 'queued' "
-    "ORDER BY s.next_attempt_at LIMIT :limit FOR UPDATE OF s SKIP LOCKED"
+    "ORDER BY s.next_attempt_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
 )
 
 
 class Timers:
-    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher, names: Names, interval_s: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, dispatcher: Dispatcher, names: Names, interval_s: float
+    ) -> None:
         self._engine = engine
         self._dispatcher = dispatcher
         self._names = names
@@ -52,8 +54,8 @@ class Timers:
     async def dispatch_due_retries(self, limit: int = 500) -> int:
         now = datetime.now(UTC)
         writes = WriteSet(self._names, now)
-        async with self._engine.begin() as conn:
-            rows = (await conn.execute(DUE_SQL, {"limit": limit})).all()
+        async with pg_transaction(self._engine) as conn:
+            rows = await conn.fetch(DUE_SQL, limit)
             if not rows:
                 return 0
             updates = []
@@ -66,14 +68,14 @@ class Timers:
                 )
                 updates.append((step_id, digest))
             await conn.execute(
-                text(
-                    "UPDATE steps AS s SET step_hash = u.hash, next_attempt_at = NULL, queued_at = :now "
-                    "FROM unnest(CAST(:ids AS uuid[]), CAST(:hashes AS text[])) AS u(id, hash) WHERE s.id = u.id"
-                ),
-                {"ids": [u[0] for u in updates], "hashes": [u[1] for u in updates], "now": now},
+                "UPDATE steps AS s SET step_hash = u.hash, next_attempt_at = NULL, queued_at = $3 "
+                "FROM unnest($1::uuid[], $2::text[]) AS u(id, hash) WHERE s.id = u.id",
+                [u[0] for u in updates],
+                [u[1] for u in updates],
+                now,
             )
-            outgoing = await writes.flush(conn)
-        await self._dispatcher.publish(outgoing)
+            await writes.flush(conn)
+        await self._dispatcher.publish(writes.outbox)
         return len(rows)
 
     async def _loop(self) -> None:

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from agentflow_bus.subjects import Names
-from agentflow_control_plane.db.session import driver
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
 from agentflow_core.spec import WorkflowSpec
+
 
 def step_id_for(run_id: uuid.UUID, seq: int) -> uuid.UUID:
     """Deterministic step id, so replaying a run yields the same ids."""
@@ -57,7 +56,14 @@ class WriteSet:
     run_updates: dict[uuid.UUID, tuple[Any, ...]] = field(default_factory=dict)
 
     def add_envelope(
-        self, tenant: str, run_id: uuid.UUID, step_id: uuid.UUID, attempt: int, kind: str, digest: str, body: bytes
+        self,
+        tenant: str,
+        run_id: uuid.UUID,
+        step_id: uuid.UUID,
+        attempt: int,
+        kind: str,
+        digest: str,
+        body: bytes,
     ) -> None:
         self.envelopes.append((tenant, run_id, step_id, attempt, kind, digest, body))
 
@@ -86,7 +92,9 @@ class WriteSet:
         )
         return digest
 
-    def new_step(self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest) -> None:
+    def new_step(
+        self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest
+    ) -> None:
         agent = spec.agents[req.agent]
         step_id = step_id_for(run_id, req.seq)
         body = {
@@ -105,15 +113,33 @@ class WriteSet:
             },
             "payload": req.payload,
         }
-        digest = self.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body)
+        digest = self.dispatch_attempt(
+            tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body
+        )
         self.new_steps.append(
-            (step_id, tenant, run_id, req.seq, req.state, req.agent, agent.queue, agent.retry.max_attempts, digest)
+            (
+                step_id,
+                tenant,
+                run_id,
+                req.seq,
+                req.state,
+                req.agent,
+                agent.queue,
+                agent.retry.max_attempts,
+                digest,
+            )
         )
 
-    async def flush(self, conn: AsyncConnection) -> list[OutMsg]:
+    #: A run to create with everything else; when its insert is skipped (idempotency
+    #: key taken), nothing else of this write set is written either.
+    new_run: tuple[Any, ...] | None = None
+
+    async def flush(self, conn: asyncpg.Connection) -> bool:
         """Write everything collected in ONE statement (data-modifying CTEs).
 
-        Returns the outbox messages with their row ids.
+        One statement is atomic on its own, so callers that have nothing else to do in
+        the transaction need no BEGIN/COMMIT round trips. Fills in the outbox row ids.
+        Returns False when ``new_run`` was not inserted (and so nothing was written).
         """
         params: list[Any] = []
 
@@ -125,15 +151,36 @@ class WriteSet:
             cols = list(zip(*rows, strict=True))
             return ", ".join(arg(list(col), cast) for col, cast in zip(cols, casts, strict=True))
 
+        guard = " WHERE EXISTS (SELECT 1 FROM new_run)" if self.new_run is not None else ""
         ctes: list[str] = []
+        if self.new_run is not None:
+            ctes.append(
+                "new_run AS (INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input,"
+                " output, error, planner_state, idempotency_key, request_hash, created_at, finished_at) VALUES ("
+                + ", ".join(arg(v, c) for v, c in zip(self.new_run, RUN_CASTS, strict=True))
+                + ") ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+                " RETURNING id)"
+            )
         if self.new_steps:
             ctes.append(
                 "new_steps AS (INSERT INTO steps (id, tenant_id, run_id, seq, state, agent, queue, max_attempts,"
                 " step_hash, status, attempt, attempts, pickups_before, queued_at) "
                 f"SELECT u.*, 'queued', 1, 0, 0, {arg(self.now, 'timestamptz')} FROM unnest("
-                + columns(self.new_steps, ("uuid[]", "text[]", "uuid[]", "int[]", "text[]", "text[]", "text[]",
-                                           "int[]", "text[]"))  # fmt: skip
-                + ") AS u)"
+                + columns(
+                    self.new_steps,
+                    (
+                        "uuid[]",
+                        "text[]",
+                        "uuid[]",
+                        "int[]",
+                        "text[]",
+                        "text[]",
+                        "text[]",
+                        "int[]",
+                        "text[]",
+                    ),
+                )  # fmt: skip
+                + f") AS u{guard})"
             )
         if self.step_updates:
             ctes.append(
@@ -142,9 +189,25 @@ class WriteSet:
                 " started_at = u.started_at, finished_at = u.finished_at, next_attempt_at = u.next_attempt_at,"
                 " output = u.output::jsonb, error = u.error, step_hash = u.step_hash,"
                 " result_hash = u.result_hash, queued_at = u.queued_at FROM unnest("
-                + columns(self.step_updates, ("uuid[]", "text[]", "int[]", "int[]", "int[]", "text[]",
-                                              "timestamptz[]", "timestamptz[]", "timestamptz[]", "text[]",
-                                              "text[]", "text[]", "text[]", "timestamptz[]"))  # fmt: skip
+                + columns(
+                    self.step_updates,
+                    (
+                        "uuid[]",
+                        "text[]",
+                        "int[]",
+                        "int[]",
+                        "int[]",
+                        "text[]",
+                        "timestamptz[]",
+                        "timestamptz[]",
+                        "timestamptz[]",
+                        "text[]",
+                        "text[]",
+                        "text[]",
+                        "text[]",
+                        "timestamptz[]",
+                    ),
+                )  # fmt: skip
                 + ") AS u(id, status, attempt, attempts, pickups_before, worker, started_at, finished_at,"
                 " next_attempt_at, output, error, step_hash, result_hash, queued_at) WHERE s.id = u.id)"
             )
@@ -154,8 +217,18 @@ class WriteSet:
                 "run_updates AS (UPDATE runs AS r SET status = u.status, planner_state = u.state::jsonb,"
                 " output = u.output::jsonb, error = u.error, started_at = u.started_at,"
                 " finished_at = u.finished_at FROM unnest("
-                + columns(rows, ("uuid[]", "text[]", "text[]", "text[]", "text[]", "timestamptz[]",
-                                 "timestamptz[]"))  # fmt: skip
+                + columns(
+                    rows,
+                    (
+                        "uuid[]",
+                        "text[]",
+                        "text[]",
+                        "text[]",
+                        "text[]",
+                        "timestamptz[]",
+                        "timestamptz[]",
+                    ),
+                )  # fmt: skip
                 + ") AS u(id, status, state, output, error, started_at, finished_at) WHERE r.id = u.id)"
             )
         if self.envelopes:
@@ -163,49 +236,43 @@ class WriteSet:
                 "new_envelopes AS (INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
                 "SELECT * FROM unnest("
                 + columns(self.envelopes, ENVELOPE_CASTS)
-                + ") ON CONFLICT (step_id, attempt, kind) WHERE kind IN ('step', 'result') DO NOTHING)"
+                + f") AS u{guard} ON CONFLICT (step_id, attempt, kind) WHERE kind IN ('step', 'result') DO NOTHING)"
             )
         if self.outbox:
-            final = (
-                "INSERT INTO outbox (tenant_id, run_id, subject, msg_id, body, traceparent, created_at) "
-                "SELECT u.*, " + arg(self.now, "timestamptz") + " FROM unnest("
+            ctes.append(
+                "new_outbox AS (INSERT INTO outbox (tenant_id, run_id, subject, msg_id, body, traceparent,"
+                " created_at) SELECT u.*, "
+                + arg(self.now, "timestamptz")
+                + " FROM unnest("
                 + columns(
-                    [(m.tenant, m.run_id, m.subject, m.msg_id, m.body, m.traceparent) for m in self.outbox],
+                    [
+                        (m.tenant, m.run_id, m.subject, m.msg_id, m.body, m.traceparent)
+                        for m in self.outbox
+                    ],
                     ("text[]", "uuid[]", "text[]", "text[]", "bytea[]", "text[]"),
                 )
-                + ") AS u RETURNING id"
+                + f") AS u{guard} RETURNING id)"
             )
-        elif ctes:
-            final = "SELECT 1 WHERE false"
-        else:
-            return self.outbox
-        sql = ("WITH " + ", ".join(ctes) + " " if ctes else "") + final
-        rows_out = await (await driver(conn)).fetch(sql, *params)
-        # Ids only serve to delete published rows, so pairing them in order is enough.
-        for msg, row in zip(self.outbox, rows_out, strict=True):
-            msg.outbox_id = row[0]
-        return self.outbox
+        if not ctes:
+            return True
+        inserted = "(SELECT count(*) FROM new_run)" if self.new_run is not None else "1"
+        outbox_ids = (
+            "ARRAY(SELECT id FROM new_outbox ORDER BY id)" if self.outbox else "NULL::bigint[]"
+        )
+        row = await conn.fetchrow(
+            "WITH " + ", ".join(ctes) + f" SELECT {inserted}, {outbox_ids}", *params
+        )
+        assert row is not None
+        if self.outbox and row[0]:
+            # Serial ids follow the unnest order, so ids and messages pair up in order.
+            for msg, outbox_id in zip(self.outbox, row[1], strict=True):
+                msg.outbox_id = outbox_id
+        return bool(row[0])
 
 
 ENVELOPE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "text[]", "text[]", "bytea[]")
-
-
-async def insert_envelopes(conn: AsyncConnection, envelopes: list[tuple[Any, ...]]) -> set[tuple[uuid.UUID, int]]:
-    """Insert envelopes and return the (step, attempt) pairs that were new.
-
-    Step and result envelopes are unique per (step, attempt, kind): a duplicate result
-    (redelivered, re-published) inserts nothing and so completes nothing.
-    """
-    cols = list(zip(*envelopes, strict=True))
-    placeholders = ", ".join(f"${i + 1}::{cast}" for i, cast in enumerate(ENVELOPE_CASTS))
-    rows = await (await driver(conn)).fetch(
-        "INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
-        f"SELECT * FROM unnest({placeholders}) "
-        "ON CONFLICT (step_id, attempt, kind) WHERE kind IN ('step', 'result') DO NOTHING "
-        "RETURNING step_id, attempt",
-        *(list(c) for c in cols),
-    )
-    return {(row[0], row[1]) for row in rows}
+RUN_CASTS = ("uuid", "text", "text", "int", "text", "jsonb", "jsonb", "text", "jsonb", "text", "text",
+             "timestamptz", "timestamptz")  # fmt: skip
 
 
 def dumps_or_none(value: Any) -> str | None:

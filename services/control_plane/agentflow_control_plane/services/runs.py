@@ -9,15 +9,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-
 from agentflow_bus.subjects import Names
-from agentflow_control_plane.db.models import Run
-from agentflow_control_plane.db.repository import TenantRepository
-from agentflow_control_plane.db.session import driver
-from agentflow_control_plane.engine.specs import SpecCache
-from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
 from agentflow_core.canonical import content_hash
 from agentflow_core.errors import Conflict
+
+from agentflow_control_plane.db.models import Run
+from agentflow_control_plane.db.repository import TenantRepository
+from agentflow_control_plane.engine.specs import SpecCache
+from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,21 +27,13 @@ class CreatedRun:
     outgoing: list[OutMsg]
 
 
-INSERT_RUN = (
-    "INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input, output, error,"
-    " planner_state, idempotency_key, request_hash, created_at, finished_at) "
-    "VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9::text::jsonb, $10, $11, $12, $13) "
-    "ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
-)
-
-
 async def _existing(repo: TenantRepository, key: str, request_hash: str) -> CreatedRun | None:
-    run: Run | None = await repo.find_run_by_idempotency_key(key)
+    run = await repo.find_run_by_idempotency_key(key)
     if run is None:
         return None
-    if run.request_hash != request_hash:
+    if run["request_hash"] != request_hash:
         raise Conflict(f"Idempotency-Key '{key}' was already used for a different request")
-    return CreatedRun(run.id, run.status, False, [])
+    return CreatedRun(run["id"], run["status"], False, [])
 
 
 async def create_run(
@@ -61,18 +52,18 @@ async def create_run(
         existing = await _existing(repo, idempotency_key, request_hash)
         if existing is not None:
             return existing
+    await repo.ensure_tenant()
     resolved = await repo.resolve_version(workflow, version)
     key = (repo.tenant, workflow, resolved)
-    compiled = (await specs.get_many(await repo.connection(), {key}))[key]
+    conn = await repo.driver()
+    compiled = (await specs.get_many(conn, {key}))[key]
     run_id = uuid.UUID(bytes=os.urandom(16), version=4)
     decision = compiled.planner.start(run_input)
     now = datetime.now(UTC)
     outcome = decision.outcome
     status = outcome.status if outcome else "pending"
-    await repo.ensure_tenant()
-    conn = await repo.connection()
-    inserted = await (await driver(conn)).fetchval(
-        INSERT_RUN,
+    writes = WriteSet(names, now)
+    writes.new_run = (
         run_id,
         repo.tenant,
         workflow,
@@ -87,19 +78,16 @@ async def create_run(
         now,
         now if outcome else None,
     )
-    if inserted is None:
-        # Lost a race with a concurrent request carrying the same key.
-        await repo.session.rollback()
+    for request in decision.dispatch:
+        writes.new_step(compiled.spec, repo.tenant, run_id, request)
+    # The run, its first steps, their envelopes and outbox rows: one atomic statement.
+    if not await writes.flush(conn):
+        # Lost a race with a concurrent request carrying the same idempotency key.
         assert idempotency_key is not None
         existing = await _existing(repo, idempotency_key, request_hash)
         assert existing is not None
         return existing
-    writes = WriteSet(names, now)
-    for request in decision.dispatch:
-        writes.new_step(compiled.spec, repo.tenant, run_id, request)
-    outgoing = await writes.flush(conn)
-    await repo.session.commit()
-    return CreatedRun(run_id, status, True, outgoing)
+    return CreatedRun(run_id, status, True, writes.outbox)
 
 
 async def cancel_run(repo: TenantRepository, run_id: uuid.UUID) -> Run:
