@@ -174,6 +174,16 @@ class Stack:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if hasattr(self, "nats_url"):
+            import nats
+
+            nc = await nats.connect(self.nats_url)
+            for stream in (f"B{self.tag.upper()}_STEPS", f"B{self.tag.upper()}_RESULTS"):
+                try:
+                    await nc.jetstream().delete_stream(stream)
+                except Exception as exc:  # already gone
+                    print(f"could not delete stream {stream}: {exc}", file=sys.stderr)
+            await nc.close()
         if hasattr(self, "admin_dsn"):
             conn = await asyncpg.connect(self.admin_dsn)
             await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
@@ -262,6 +272,9 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
         await _register(stack, chain_spec("chain", args.chain))
         await _register(stack, chain_spec("single", 1))
         await _register(stack, chain_spec("api", 1))
+        parked = chain_spec("parked", 1)
+        parked["agents"]["a"]["queue"] = "parked"  # no worker consumes it
+        await _register(stack, parked)
 
         await _submit_many(stack, "warmup", 100, 32)
         await _wait_all(stack, "warmup", 100, 120)
@@ -293,6 +306,7 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
         )
         round_trips = [float(r["ms"]) for r in rows]
 
+        api_isolated = await _submit_many(stack, "parked", args.api_requests, 32)
         api = await _submit_many(stack, "api", args.api_requests, 32)
         await _wait_all(stack, "api", args.api_requests, 300)
         return {
@@ -301,6 +315,9 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
             "chain_steps_per_s": round(chain, 1),
             "latency_ms": {
                 q: round(percentile(round_trips, int(q[1:])), 2) for q in ("p50", "p95", "p99")
+            },
+            "api_post_runs_isolated_ms": {
+                q: round(percentile(api_isolated, int(q[1:])) * 1000, 2) for q in ("p50", "p95", "p99")
             },
             "api_post_runs_ms": {
                 q: round(percentile(api, int(q[1:])) * 1000, 2) for q in ("p50", "p95", "p99")
