@@ -138,9 +138,7 @@ class Stack:
         launcher = [sys.executable, "-m", "agentflow_cli"]
         self._spawn([*launcher, "control-plane"], env, "control-plane")
         for i in range(self.workers):
-            self._spawn(
-                [*launcher, "worker"], {**env, "AGENTFLOW_WORKER_NAME": f"bench-{i}"}, f"worker-{i}"
-            )
+            self._spawn([*launcher, "worker"], {**env, "AGENTFLOW_WORKER_NAME": f"bench-{i}"}, f"worker-{i}")
         deadline = time.monotonic() + 60
         async with httpx.AsyncClient() as client:
             while time.monotonic() < deadline:
@@ -154,9 +152,7 @@ class Stack:
                 raise RuntimeError(f"stack not ready; logs in {self.logdir}")
         from agentflow_control_plane.auth import issue_token
 
-        self.token = issue_token(
-            self.secret, tenant="bench", roles=["admin"], subject="bench", ttl_s=7200
-        )
+        self.token = issue_token(self.secret, tenant="bench", roles=["admin"], subject="bench", ttl_s=7200)
         self.db = await asyncpg.connect(self.dsn)
 
     def _spawn(self, args: list[str], env: dict[str, str], name: str) -> None:
@@ -192,13 +188,9 @@ class Stack:
             server.stop()
 
 
-async def _submit(
-    session: aiohttp.ClientSession, url: str, workflow: str, run_input: Any
-) -> tuple[str, float]:
+async def _submit(session: aiohttp.ClientSession, url: str, workflow: str, run_input: Any) -> tuple[str, float]:
     started = time.perf_counter()
-    async with session.post(
-        f"{url}/v1/runs", json={"workflow": workflow, "input": run_input}
-    ) as response:
+    async with session.post(f"{url}/v1/runs", json={"workflow": workflow, "input": run_input}) as response:
         body = await response.read()
     elapsed = time.perf_counter() - started
     if response.status != 201:
@@ -291,11 +283,7 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
         async with _session(stack, 1) as session:
             for i in range(args.latency):
                 run_id, _ = await _submit(session, stack.url, "single", i)
-                while (
-                    await stack.db.fetchval(
-                        "SELECT status FROM runs WHERE id = $1", uuid.UUID(run_id)
-                    )
-                ) not in (
+                while (await stack.db.fetchval("SELECT status FROM runs WHERE id = $1", uuid.UUID(run_id))) not in (
                     "succeeded",
                     "failed",
                 ):
@@ -313,18 +301,13 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
             "throughput_steps_per_s": round(throughput, 1),
             "throughput_wall_s": round(span, 3),
             "chain_steps_per_s": round(chain, 1),
-            "latency_ms": {
-                q: round(percentile(round_trips, int(q[1:])), 2) for q in ("p50", "p95", "p99")
-            },
+            "latency_ms": {q: round(percentile(round_trips, int(q[1:])), 2) for q in ("p50", "p95", "p99")},
             "api_post_runs_isolated_ms": {
                 q: round(percentile(api_isolated, int(q[1:])) * 1000, 2) for q in ("p50", "p95", "p99")
             },
-            "api_post_runs_ms": {
-                q: round(percentile(api, int(q[1:])) * 1000, 2) for q in ("p50", "p95", "p99")
-            },
+            "api_post_runs_ms": {q: round(percentile(api, int(q[1:])) * 1000, 2) for q in ("p50", "p95", "p99")},
             "api_post_runs_under_throughput_load_ms": {
-                q: round(percentile(throughput_api, int(q[1:])) * 1000, 2)
-                for q in ("p50", "p95", "p99")
+                q: round(percentile(throughput_api, int(q[1:])) * 1000, 2) for q in ("p50", "p95", "p99")
             },
             "postgres_version": stack.pg_version,
             "config": {
@@ -353,25 +336,18 @@ def bench_celery(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def machine() -> dict[str, Any]:
-    nats_version = subprocess.run(
-        ["nats-server", "--version"], capture_output=True, text=True
-    ).stdout.strip()
+    nats_version = subprocess.run(["nats-server", "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "nats_server": nats_version or "unknown",
-        "packages": {
-            p: version(p)
-            for p in ("agentflow", "nats-py", "sqlalchemy", "asyncpg", "fastapi", "uvicorn")
-        },
+        "packages": {p: version(p) for p in ("agentflow", "nats-py", "sqlalchemy", "asyncpg", "fastapi", "uvicorn")},
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--chain", type=int, default=200)
@@ -391,12 +367,8 @@ def main() -> None:
         if celery and "error" not in celery:
             ours = summary["agentflow"]
             summary["ratios"] = {
-                "throughput_vs_celery": round(
-                    ours["throughput_steps_per_s"] / celery["throughput_steps_per_s"], 2
-                ),
-                "chain_vs_celery": round(
-                    ours["chain_steps_per_s"] / celery["chain_steps_per_s"], 2
-                ),
+                "throughput_vs_celery": round(ours["throughput_steps_per_s"] / celery["throughput_steps_per_s"], 2),
+                "chain_vs_celery": round(ours["chain_steps_per_s"] / celery["chain_steps_per_s"], 2),
             }
     text = json.dumps(summary, indent=2)
     print(text)

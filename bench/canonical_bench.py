@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import rfc8785
+
 from agentflow_core.canonical import _fast_path_ok, canonicalize
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 
-from agentflow_control_plane.db.models import Base
-from agentflow_control_plane.settings import to_async_url
 from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from agentflow_control_plane.db.models import Base
+from agentflow_control_plane.settings import to_async_url
 
 config = context.config
 target_metadata = Base.metadata

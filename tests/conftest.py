@@ -55,9 +55,5 @@ def api(cluster: tuple[Cluster, str], shared_env: TestEnv, request: pytest.Fixtu
     """A client for a tenant of its own, so tests never see each other's data."""
     import re
 
-    tenant = (
-        re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:48]
-        + "-"
-        + __import__("secrets").token_hex(3)
-    )
+    tenant = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)[:48] + "-" + __import__("secrets").token_hex(3)
     return Api(cluster[1], shared_env, tenant)

@@ -256,9 +256,7 @@ def celery_workers(
         _stop_processes(procs, stop_timeout)
 
 
-def wait_until_ready(
-    app: Any, names: set[str], procs: list[subprocess.Popen[bytes]], timeout: float
-) -> None:
+def wait_until_ready(app: Any, names: set[str], procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     seen: set[str] = set()
     while True:
@@ -316,9 +314,7 @@ def measure_throughput(echo: Any, runs: int, steps: int, timeout: float) -> dict
         "steps": runs * steps,
         "wall_s": round(wall, 4),
         "submit_s": round(t_submitted - t0, 4),
-        "result_lag_ms": (
-            round((wall_end - latest_done) * 1000, 2) if latest_done is not None else None
-        ),
+        "result_lag_ms": (round((wall_end - latest_done) * 1000, 2) if latest_done is not None else None),
         "steps_per_s": runs * steps / wall,
     }
 
@@ -367,9 +363,7 @@ def _median_sample(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def per_worker_counts(app: Any) -> dict[str, int]:
     stats = app.control.inspect(timeout=1.0).stats() or {}
-    return {
-        name: int(sum((info.get("total") or {}).values())) for name, info in sorted(stats.items())
-    }
+    return {name: int(sum((info.get("total") or {}).values())) for name, info in sorted(stats.items())}
 
 
 # --------------------------------------------------------------------------- main
@@ -489,9 +483,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_version": redis_version,
         "throughput_steps_per_s": round(throughput["steps_per_s"], 1),
         "chain_steps_per_s": round(chain["steps_per_s"], 1),
-        "latency_ms": (
-            {k: latency[k] for k in ("p50", "p95", "p99")} if latency is not None else None
-        ),
+        "latency_ms": ({k: latency[k] for k in ("p50", "p95", "p99")} if latency is not None else None),
         "config": {
             "runs": args.runs,
             "steps": args.steps,

@@ -49,9 +49,7 @@ async def connect(settings: BusSettings, *, name: str, attempts: int = 0) -> Cli
         except Exception as exc:  # nats raises several unrelated types here
             if attempts and tried >= attempts:
                 raise
-            log.warning(
-                "NATS at %s not reachable (%s); retrying in %.1fs", settings.nats_url, exc, delay
-            )
+            log.warning("NATS at %s not reachable (%s); retrying in %.1fs", settings.nats_url, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -76,13 +74,9 @@ async def ensure_streams(js: JetStreamContext, settings: BusSettings) -> None:
     }
     await _add_or_update_stream(
         js,
-        StreamConfig(
-            name=names.steps_stream, subjects=[f"{settings.nats_prefix}.steps.>"], **common
-        ),
+        StreamConfig(name=names.steps_stream, subjects=[f"{settings.nats_prefix}.steps.>"], **common),
     )
-    await _add_or_update_stream(
-        js, StreamConfig(name=names.results_stream, subjects=[names.results_filter], **common)
-    )
+    await _add_or_update_stream(js, StreamConfig(name=names.results_stream, subjects=[names.results_filter], **common))
 
 
 async def ensure_consumer(

@@ -61,9 +61,7 @@ class PullConsumer:
         self._sub = await self._nc.subscribe(
             self._inbox, cb=self._handle, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
-        self._watchdog = asyncio.create_task(
-            self._watch(), name=f"pull-watchdog {self._api_subject}"
-        )
+        self._watchdog = asyncio.create_task(self._watch(), name=f"pull-watchdog {self._api_subject}")
         self._request_more(force=True)
 
     async def stop(self) -> None:
@@ -95,9 +93,7 @@ class PullConsumer:
         self._last_request = time.monotonic()
         # publish() only appends to the client's write buffer; scheduling it keeps done()
         # synchronous for callers on the hot path.
-        asyncio.ensure_future(
-            self._nc.publish(self._api_subject, orjson.dumps(request), reply=self._inbox)
-        )
+        asyncio.ensure_future(self._nc.publish(self._api_subject, orjson.dumps(request), reply=self._inbox))
 
     async def _handle(self, msg: Msg) -> None:
         headers = msg.headers

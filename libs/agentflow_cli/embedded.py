@@ -55,9 +55,7 @@ class EmbeddedPostgres:
         try:
             import pgserver
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise EmbeddedError(
-                "embedded Postgres needs the extra: pip install 'agentflow[embedded]'"
-            ) from exc
+            raise EmbeddedError("embedded Postgres needs the extra: pip install 'agentflow[embedded]'") from exc
         self._server = pgserver.get_server(self.home / "pgdata", cleanup_mode="stop")
         exists = self._server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
         if "(1 row)" not in exists:
@@ -109,17 +107,13 @@ class EmbeddedNats:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise EmbeddedError(
-                    f"nats-server exited with {self._proc.returncode}; see {log.name}"
-                )
+                raise EmbeddedError(f"nats-server exited with {self._proc.returncode}; see {log.name}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return f"nats://127.0.0.1:{self.port}"
             except OSError:
                 time.sleep(0.1)
-        raise EmbeddedError(
-            f"nats-server did not listen on 127.0.0.1:{self.port} within {timeout_s}s"
-        )
+        raise EmbeddedError(f"nats-server did not listen on 127.0.0.1:{self.port} within {timeout_s}s")
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

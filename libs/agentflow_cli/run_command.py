@@ -21,9 +21,7 @@ STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running"
 
 def _table(run: dict[str, Any]) -> Table:
     status = run["status"]
-    table = Table(
-        title=f"run {run['id']} · {run['workflow']} v{run['version']} · [{STYLE.get(status, '')}]{status}[/]"
-    )
+    table = Table(title=f"run {run['id']} · {run['workflow']} v{run['version']} · [{STYLE.get(status, '')}]{status}[/]")
     for column in ("#", "state", "agent", "status", "attempts", "worker", "ms"):
         table.add_column(column)
     for step in run["steps"]:
@@ -71,9 +69,7 @@ def run_workflow(
         token = token or state["token"]
     source = file.read_bytes()
     content_type = "application/json" if file.suffix == ".json" else "application/yaml"
-    with httpx.Client(
-        base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    ) as client:
+    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
         import yaml
 
         try:
@@ -83,16 +79,12 @@ def run_workflow(
         if not isinstance(name, str):
             console.print(f"[red]{file}: the workflow needs a top-level 'name'[/]")
             return 2
-        put = client.put(
-            f"/v1/workflows/{name}", content=source, headers={"Content-Type": content_type}
-        )
+        put = client.put(f"/v1/workflows/{name}", content=source, headers={"Content-Type": content_type})
         if put.status_code != 200:
             console.print(f"[red]registering {file} failed[/]\n{_error(put)}")
             return 2
         version = put.json()["version"]
-        created = client.post(
-            "/v1/runs", json={"workflow": name, "version": version, "input": run_input}
-        )
+        created = client.post("/v1/runs", json={"workflow": name, "version": version, "input": run_input})
         if created.status_code not in (200, 201):
             console.print(f"[red]starting the run failed[/]\n{_error(created)}")
             return 2

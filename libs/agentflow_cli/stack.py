@@ -135,28 +135,20 @@ class Stack:
         }
         launcher = [sys.executable, "-m", "agentflow_cli"]
         logs = self.home / "logs"
-        self.children.append(
-            Child("control-plane", [*launcher, "control-plane"], env, logs / "control-plane.log")
-        )
+        self.children.append(Child("control-plane", [*launcher, "control-plane"], env, logs / "control-plane.log"))
         for i in range(1, self.workers + 1):
             worker_env = {**env, "AGENTFLOW_WORKER_NAME": f"worker-{i}"}
-            self.children.append(
-                Child(f"worker-{i}", [*launcher, "worker"], worker_env, logs / f"worker-{i}.log")
-            )
+            self.children.append(Child(f"worker-{i}", [*launcher, "worker"], worker_env, logs / f"worker-{i}.log"))
         for child in self.children:
             child.start()
 
         api_url = f"http://127.0.0.1:{self.port}"
         if not self._wait_ready(api_url, timeout_s=60):
-            console.print(
-                f"[red]control plane did not become ready; see {logs / 'control-plane.log'}[/]"
-            )
+            console.print(f"[red]control plane did not become ready; see {logs / 'control-plane.log'}[/]")
             return 1
         from agentflow_control_plane.auth import issue_token
 
-        token = issue_token(
-            secret, tenant="default", roles=["admin"], subject="admin", ttl_s=7 * 24 * 3600
-        )
+        token = issue_token(secret, tenant="default", roles=["admin"], subject="admin", ttl_s=7 * 24 * 3600)
         _write_private(self.home / STATE_FILE, json.dumps({"api_url": api_url, "token": token}))
         console.print(f"\n[green]AgentFlow is up[/] with {self.workers} worker(s); logs in {logs}")
         console.print(f"  API:     {api_url}   (OpenAPI: {api_url}/docs)")

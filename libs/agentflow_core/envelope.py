@@ -122,9 +122,7 @@ def open_envelope(raw: bytes) -> tuple[dict[str, Any], str]:
     except CanonicalizationError as exc:
         raise EnvelopeRejected(f"malformed envelope: {exc.message}") from exc
     if not claimed.isascii() or not hmac.compare_digest(actual, claimed):
-        raise EnvelopeRejected(
-            f"hash mismatch: envelope claims {claimed}, content hashes to {actual}"
-        )
+        raise EnvelopeRejected(f"hash mismatch: envelope claims {claimed}, content hashes to {actual}")
     return body, claimed
 
 

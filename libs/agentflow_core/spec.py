@@ -127,37 +127,23 @@ def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
                         "msg": f"unknown setting for a '{agent.type}' agent",
                     }
                 )
-            elif (
-                not isinstance(value, expected)
-                or isinstance(value, bool)
-                or (isinstance(value, int) and value < 0)
-            ):
-                errors.append(
-                    {"loc": f"agents.{name}.{key}", "msg": "must be a non-negative integer"}
-                )
+            elif not isinstance(value, expected) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
+                errors.append({"loc": f"agents.{name}.{key}", "msg": "must be a non-negative integer"})
 
     fsm = spec.planner
     finals = set(fsm.final_states)
     for dup in finals & set(fsm.states):
-        errors.append(
-            {"loc": "planner.final_states", "msg": f"'{dup}' is both a state and a final state"}
-        )
+        errors.append({"loc": "planner.final_states", "msg": f"'{dup}' is both a state and a final state"})
     if fsm.initial_state not in fsm.states:
-        errors.append(
-            {"loc": "planner.initial_state", "msg": f"unknown state '{fsm.initial_state}'"}
-        )
+        errors.append({"loc": "planner.initial_state", "msg": f"unknown state '{fsm.initial_state}'"})
     targets = set(fsm.states) | finals
     for name, state in fsm.states.items():
         if state.agent not in spec.agents:
-            errors.append(
-                {"loc": f"planner.states.{name}.agent", "msg": f"unknown agent '{state.agent}'"}
-            )
+            errors.append({"loc": f"planner.states.{name}.agent", "msg": f"unknown agent '{state.agent}'"})
         for field in ("on_success", "on_error"):
             target = getattr(state, field)
             if target is not None and target not in targets:
-                errors.append(
-                    {"loc": f"planner.states.{name}.{field}", "msg": f"unknown state '{target}'"}
-                )
+                errors.append({"loc": f"planner.states.{name}.{field}", "msg": f"unknown state '{target}'"})
     if errors:
         return errors
 
@@ -183,9 +169,7 @@ def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
             )
     for name in fsm.final_states:
         if name not in seen:
-            errors.append(
-                {"loc": "planner.final_states", "msg": f"final state '{name}' is unreachable"}
-            )
+            errors.append({"loc": "planner.final_states", "msg": f"final state '{name}' is unreachable"})
     return errors
 
 
@@ -199,9 +183,7 @@ def load_document(text: str | bytes) -> Any:
         ) from exc
 
 
-def parse_workflow(
-    source: str | bytes | dict[str, Any], *, name: str | None = None
-) -> WorkflowSpec:
+def parse_workflow(source: str | bytes | dict[str, Any], *, name: str | None = None) -> WorkflowSpec:
     """Validate a workflow from YAML/JSON text or a mapping.
 
     ``name`` (from the URL) fills a missing ``name`` and must match a present one.
@@ -232,7 +214,5 @@ def parse_workflow(
     try:
         spec.spec_hash()
     except CanonicalizationError as exc:
-        raise ValidationFailed(
-            "invalid workflow spec", details=[{"loc": "body", "msg": exc.message}]
-        ) from exc
+        raise ValidationFailed("invalid workflow spec", details=[{"loc": "body", "msg": exc.message}]) from exc
     return spec

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from agentflow_control_plane.auth import issue_token
 
+from agentflow_control_plane.auth import issue_token
 from tests.support.processes import Cluster, chain_workflow, free_port
 from tests.support.services import TestEnv
 from tests.unit.test_spec import HELLO
@@ -49,11 +49,7 @@ def test_up_starts_embedded_stack_runs_demo_and_stops_cleanly() -> None:
                 break
         text = "".join(output)
         assert "demo run succeeded" in text, text
-        token = next(
-            line.split("=", 1)[1].strip()
-            for line in output
-            if line.startswith("export AGENTFLOW_TOKEN=")
-        )
+        token = next(line.split("=", 1)[1].strip() for line in output if line.startswith("export AGENTFLOW_TOKEN="))
         headers = {"Authorization": f"Bearer {token}"}
         runs = httpx.get(f"http://127.0.0.1:{port}/v1/runs", headers=headers).json()
         assert [r["status"] for r in runs] == ["succeeded"]
@@ -92,15 +88,11 @@ def test_run_command_exit_codes(make_env: Callable[[], TestEnv], tmp_path: Path)
         failing = chain_workflow("failing", 1, {"type": "fail", "times": 1})
         bad = tmp_path / "failing.json"
         bad.write_text(json.dumps(failing))
-        failed = subprocess.run(
-            [*AGENTFLOW, "run", str(bad)], env=cli_env, capture_output=True, timeout=60
-        )
+        failed = subprocess.run([*AGENTFLOW, "run", str(bad)], env=cli_env, capture_output=True, timeout=60)
         assert failed.returncode == 1 and b"failing on purpose" in failed.stderr
         invalid = tmp_path / "invalid.yaml"
         invalid.write_text(HELLO.replace("on_success: done", "on_success: nowhere"))
-        refused = subprocess.run(
-            [*AGENTFLOW, "run", str(invalid)], env=cli_env, capture_output=True, timeout=60
-        )
+        refused = subprocess.run([*AGENTFLOW, "run", str(invalid)], env=cli_env, capture_output=True, timeout=60)
         assert refused.returncode == 2 and b"planner.states.nap.on_success" in refused.stderr
         bad_input = subprocess.run([*AGENTFLOW, "run", str(hello), "--input", "{nope"], env=cli_env,
                                    capture_output=True, timeout=60)  # fmt: skip
@@ -110,8 +102,6 @@ def test_run_command_exit_codes(make_env: Callable[[], TestEnv], tmp_path: Path)
 
 
 def test_control_plane_refuses_to_start_without_a_secret() -> None:
-    result = subprocess.run(
-        [*AGENTFLOW, "control-plane"], env=_clean_env(), capture_output=True, timeout=60
-    )
+    result = subprocess.run([*AGENTFLOW, "control-plane"], env=_clean_env(), capture_output=True, timeout=60)
     assert result.returncode != 0
     assert b"AGENTFLOW_JWT_SECRET" in result.stderr and b"Traceback" not in result.stderr

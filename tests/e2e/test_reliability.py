@@ -50,11 +50,7 @@ def test_worker_killed_mid_step_is_redelivered_and_completes_once(
         first = run["steps"][0]
         assert first["attempts"] == 2 and first["attempt"] == 1
         assert first["worker"] == "survivor"
-        results = [
-            e
-            for e in api.client.get(f"/v1/runs/{run_id}/envelopes").json()
-            if e["kind"] == "result"
-        ]
+        results = [e for e in api.client.get(f"/v1/runs/{run_id}/envelopes").json() if e["kind"] == "result"]
         assert len(results) == 2  # one per step: no step completed twice
         assert results[0]["envelope"]["delivery"] == 2
     finally:
@@ -85,9 +81,7 @@ def test_control_plane_crash_between_commit_and_publish_is_recovered_by_the_outb
         run = api.wait(str(run_id), timeout=30)
         assert run["status"] == "succeeded" and run["output"] == 7
         # Published rows are deleted in the background shortly after.
-        _wait_for(
-            lambda: env.query("SELECT count(*) FROM outbox")[0][0] == 0, 10, "outbox never drained"
-        )
+        _wait_for(lambda: env.query("SELECT count(*) FROM outbox")[0][0] == 0, 10, "outbox never drained")
     finally:
         cluster.close()
 
@@ -111,18 +105,12 @@ def test_two_control_planes_never_double_advance_a_run(make_env: Callable[[], Te
         )
         assert len(rows) == 60
         assert all(r["steps"] == r["seqs"] == 10 for r in rows)
-        results = env.query(
-            "SELECT step_id, count(*) FROM envelopes WHERE kind = 'result' GROUP BY step_id"
-        )
+        results = env.query("SELECT step_id, count(*) FROM envelopes WHERE kind = 'result' GROUP BY step_id")
         assert len(results) == 600 and all(r[1] == 1 for r in results)
         # Both control planes took part in consuming results.
         batches = [httpx.get(f"{u}/metrics").text for u in (url_a, url_b)]
         for text in batches:
-            count = [
-                line
-                for line in text.splitlines()
-                if line.startswith("agentflow_results_batch_size_count")
-            ]
+            count = [line for line in text.splitlines() if line.startswith("agentflow_results_batch_size_count")]
             assert count and float(count[0].split()[-1]) > 0
     finally:
         cluster.close()
@@ -192,14 +180,10 @@ def _host_port(url: str, default: int) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("outage", ["postgres", "nats"])
-def test_outage_is_reported_by_readyz_and_recovered(
-    make_env: Callable[[], TestEnv], outage: str
-) -> None:
+def test_outage_is_reported_by_readyz_and_recovered(make_env: Callable[[], TestEnv], outage: str) -> None:
     env = make_env()
     if "host=/" in env.database_url:
-        pytest.skip(
-            "embedded Postgres listens on a Unix socket only; the TCP proxy needs a TCP server"
-        )
+        pytest.skip("embedded Postgres listens on a Unix socket only; the TCP proxy needs a TCP server")
     pg_proxy = TcpProxy(_host_port(env.database_url, 5432))
     nats_proxy = TcpProxy(_host_port(env.services.nats_url, 4222))
     proxy = pg_proxy if outage == "postgres" else nats_proxy

@@ -58,10 +58,7 @@ def test_workflow_versions_are_immutable_and_runs_pin_them(api: Api) -> None:
     got = api.client.get("/v1/workflows/versions").json()
     assert got["version"] == 2 and got["versions"] == [1, 2]
     assert (
-        api.client.get("/v1/workflows/versions", params={"version": 1}).json()["spec"]["agents"][
-            "a"
-        ]["type"]
-        == "echo"
+        api.client.get("/v1/workflows/versions", params={"version": 1}).json()["spec"]["agents"]["a"]["type"] == "echo"
     )
     pinned = api.wait(api.start("versions", 1, version=1))
     assert pinned["version"] == 1 and pinned["status"] == "succeeded"
@@ -74,13 +71,9 @@ def test_invalid_spec_is_422_naming_the_field_and_stores_nothing(api: Api) -> No
     assert response.status_code == 422
     body = response.json()
     assert body["code"] == "validation_failed"
-    assert {"loc": "planner.states.s0.on_success", "msg": "unknown state 'nowhere'"} in body[
-        "errors"
-    ]
+    assert {"loc": "planner.states.s0.on_success", "msg": "unknown state 'nowhere'"} in body["errors"]
     assert api.client.get("/v1/workflows/broken").status_code == 404
-    bad_yaml = api.client.put(
-        "/v1/workflows/y", content=b"name: [", headers={"Content-Type": "application/yaml"}
-    )
+    bad_yaml = api.client.put("/v1/workflows/y", content=b"name: [", headers={"Content-Type": "application/yaml"})
     assert bad_yaml.status_code == 422 and bad_yaml.json()["errors"][0]["loc"] == "body"
     assert api.client.put("/v1/workflows/bad%20name", json=spec).status_code == 422
 
@@ -97,9 +90,7 @@ def test_non_canonicalizable_input_is_422_and_nothing_stored(api: Api, shared_en
     before = shared_env.query("SELECT count(*) FROM runs WHERE tenant_id = $1", api.tenant)[0][0]
     for raw in (b'{"workflow":"canon","input":NaN}', b'{"workflow":"canon","input":[Infinity]}',
                 b'{"workflow":"canon","input":9007199254740993}'):  # fmt: skip
-        response = api.client.post(
-            "/v1/runs", content=raw, headers={"Content-Type": "application/json"}
-        )
+        response = api.client.post("/v1/runs", content=raw, headers={"Content-Type": "application/json"})
         assert response.status_code == 422, (raw, response.text)
         assert response.json()["code"] == "not_canonicalizable"
     after = shared_env.query("SELECT count(*) FROM runs WHERE tenant_id = $1", api.tenant)[0][0]
@@ -112,17 +103,11 @@ def test_body_limit_is_413(api: Api) -> None:
     assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
 
 
-def test_auth_failures_are_401_and_viewers_cannot_write(
-    cluster: tuple[Cluster, str], shared_env: TestEnv
-) -> None:
+def test_auth_failures_are_401_and_viewers_cannot_write(cluster: tuple[Cluster, str], shared_env: TestEnv) -> None:
     url = cluster[1]
     assert httpx.get(f"{url}/v1/runs").status_code == 401
-    forged = jwt.encode(
-        {"sub": "x", "tenant": "t", "roles": ["admin"], "exp": 9999999999}, "x" * 40
-    )
-    expired = jwt.encode(
-        {"sub": "x", "tenant": "t", "exp": int(time.time()) - 60}, shared_env.secret
-    )
+    forged = jwt.encode({"sub": "x", "tenant": "t", "roles": ["admin"], "exp": 9999999999}, "x" * 40)
+    expired = jwt.encode({"sub": "x", "tenant": "t", "exp": int(time.time()) - 60}, shared_env.secret)
     none_alg = jwt.encode({"sub": "x", "tenant": "t", "exp": 9999999999}, None, algorithm="none")
     for token in (forged, expired, none_alg, "garbage"):
         response = httpx.get(f"{url}/v1/runs", headers={"Authorization": f"Bearer {token}"})
@@ -134,9 +119,7 @@ def test_auth_failures_are_401_and_viewers_cannot_write(
     assert viewer.client.get("/v1/runs").status_code == 200
 
 
-def test_tenants_cannot_see_each_other(
-    api: Api, cluster: tuple[Cluster, str], shared_env: TestEnv
-) -> None:
+def test_tenants_cannot_see_each_other(api: Api, cluster: tuple[Cluster, str], shared_env: TestEnv) -> None:
     api.put_workflow(chain_workflow("mine", 1))
     run_id = api.start("mine", 1)
     other = Api(cluster[1], shared_env, api.tenant + "-other")

@@ -8,11 +8,11 @@ from typing import Any
 
 import nats
 import orjson
+
 from agentflow_bus.connection import ensure_consumer
 from agentflow_bus.settings import BusSettings
 from agentflow_bus.subjects import Names
 from agentflow_core.envelope import open_envelope, seal
-
 from tests.support.processes import Api, Cluster, chain_workflow
 from tests.support.services import TestEnv
 
@@ -129,9 +129,7 @@ def test_worker_rejects_a_tampered_step_and_the_control_plane_records_why(
     assert "step envelope rejected: hash mismatch" in run["steps"][0]["error"]
 
 
-def test_control_plane_rejects_a_tampered_result_and_ignores_duplicates(
-    api: Api, shared_env: TestEnv
-) -> None:
+def test_control_plane_rejects_a_tampered_result_and_ignores_duplicates(api: Api, shared_env: TestEnv) -> None:
     api.put_workflow(chain_workflow("forged-result", 2, {"type": "echo", "queue": "hand"}))
     run_id = api.start("forged-result", "in")
     names = Names(shared_env.prefix)
@@ -149,9 +147,7 @@ def test_control_plane_rejects_a_tampered_result_and_ignores_duplicates(
     assert [s["status"] for s in run["steps"]][0] == "succeeded"
     wire2, _ = seal(_result_for(step2, run["steps"][1]["step_hash"], "honest"))
     forged = wire2.replace(b'"honest"', b'"forged"')
-    asyncio.run(
-        _publish(shared_env, names.result_subject(step2["tenant"]), forged, "forged-result")
-    )
+    asyncio.run(_publish(shared_env, names.result_subject(step2["tenant"]), forged, "forged-result"))
     run = api.wait(run_id)
     assert run["status"] == "failed"
     assert run["steps"][1]["error"].startswith("result rejected: hash mismatch")

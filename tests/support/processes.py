@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from agentflow_control_plane.auth import issue_token
 
+from agentflow_control_plane.auth import issue_token
 from tests.support.services import TestEnv
 
 
@@ -61,9 +61,7 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def control_plane(
-        self, *, port: int | None = None, wait: bool = True, **extra: str
-    ) -> tuple[Proc, str]:
+    def control_plane(self, *, port: int | None = None, wait: bool = True, **extra: str) -> tuple[Proc, str]:
         port = port or free_port()
         env = self.env.env(AGENTFLOW_PORT=str(port), **extra)
         proc = self._spawn("control-plane", ["control-plane"], env)
@@ -109,17 +107,11 @@ def wait_ready(url: str, proc: Proc | None = None, timeout: float = 30.0) -> Non
 class Api:
     """An httpx client with a token for one tenant."""
 
-    def __init__(
-        self, url: str, env: TestEnv, tenant: str, roles: tuple[str, ...] = ("admin",)
-    ) -> None:
+    def __init__(self, url: str, env: TestEnv, tenant: str, roles: tuple[str, ...] = ("admin",)) -> None:
         self.url = url
         self.tenant = tenant
-        token = issue_token(
-            env.secret, tenant=tenant, roles=list(roles), subject="test", ttl_s=3600
-        )
-        self.client = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-        )
+        token = issue_token(env.secret, tenant=tenant, roles=list(roles), subject="test", ttl_s=3600)
+        self.client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
     def put_workflow(self, spec: str | dict[str, Any], name: str | None = None) -> httpx.Response:
         if isinstance(spec, dict):
@@ -133,9 +125,7 @@ class Api:
         )
 
     def start(self, workflow: str, run_input: Any = None, **kwargs: Any) -> str:
-        response = self.client.post(
-            "/v1/runs", json={"workflow": workflow, "input": run_input, **kwargs}
-        )
+        response = self.client.post("/v1/runs", json={"workflow": workflow, "input": run_input, **kwargs})
         assert response.status_code == 201, response.text
         run_id: str = response.json()["id"]
         return run_id

@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import nats
+
 from agentflow_cli.embedded import EmbeddedNats, EmbeddedPostgres
 from agentflow_control_plane.db.migrate import upgrade
 

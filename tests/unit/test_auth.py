@@ -4,11 +4,12 @@ import time
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from agentflow_control_plane.auth import TokenVerifier, issue_token
 from agentflow_control_plane.settings import DEV_JWT_SECRET, ControlPlaneSettings
 from agentflow_core.errors import ConfigurationError, Forbidden, Unauthorized
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 SECRET = "s" * 40
 
@@ -67,9 +68,7 @@ def test_rs256_with_public_key() -> None:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
-    token = jwt.encode(
-        {"sub": "svc", "tenant": "t1", "roles": ["operator"], "exp": 9999999999}, key, "RS256"
-    )
+    token = jwt.encode({"sub": "svc", "tenant": "t1", "roles": ["operator"], "exp": 9999999999}, key, "RS256")
     principal = _verifier(jwt_public_key=public).verify(f"Bearer {token}")
     assert principal.tenant == "t1"
     # The same RSA token is refused when no public key is configured.

@@ -21,10 +21,11 @@ from typing import Any
 
 import pytest
 import rfc8785
-from agentflow_core.canonical import HASH_PREFIX, _fast_path_ok, canonicalize, content_hash
-from agentflow_core.errors import CanonicalizationError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from agentflow_core.canonical import HASH_PREFIX, _fast_path_ok, canonicalize, content_hash
+from agentflow_core.errors import CanonicalizationError
 
 SETTINGS = settings(
     max_examples=400,
@@ -75,16 +76,12 @@ clean_text = st.text(clean_chars, max_size=12)
 any_text = st.text(any_chars, max_size=12)
 # A small alphabet of order-sensitive characters, so one dict often holds keys that order
 # differently by code point than by UTF-16 code unit (e.g. "\uffff" vs "\U0001f600").
-order_keys = st.text(
-    st.sampled_from(["a", "\x7f", "\ue000", "\uffff", *TRICKY_CHARS[-3:]]), max_size=3
-)
+order_keys = st.text(st.sampled_from(["a", "\x7f", "\ue000", "\uffff", *TRICKY_CHARS[-3:]]), max_size=3)
 
 boundary_ints = st.one_of(
     st.integers(min_value=MAX_SAFE - 3, max_value=MAX_SAFE + 3),
     st.integers(min_value=-MAX_SAFE - 3, max_value=-MAX_SAFE + 3),
-    st.sampled_from(
-        [0, -1, 1, 2**31, -(2**31), 2**63 - 1, -(2**63), 2**63, 2**64, -(2**64), 10**30]
-    ),
+    st.sampled_from([0, -1, 1, 2**31, -(2**31), 2**63 - 1, -(2**63), 2**63, 2**64, -(2**64), 10**30]),
 )
 ints = st.one_of(st.integers(), boundary_ints)
 safe_ints = st.integers(min_value=-MAX_SAFE, max_value=MAX_SAFE)
@@ -115,9 +112,7 @@ special_floats = st.sampled_from(
 floats = st.one_of(st.floats(), special_floats)
 
 
-def json_values(
-    text: st.SearchStrategy[str], keys: st.SearchStrategy[str]
-) -> st.SearchStrategy[Any]:
+def json_values(text: st.SearchStrategy[str], keys: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
     scalars = st.one_of(st.none(), st.booleans(), ints, floats, text)
     return st.recursive(
         scalars,
@@ -273,16 +268,12 @@ def test_bool_is_not_int() -> None:
     assert canonicalize(True) == b"true"
     assert canonicalize(False) == b"false"
     assert canonicalize(1) == b"1"
-    assert (
-        canonicalize({"a": True, "b": 1, "c": False, "d": 0}) == b'{"a":true,"b":1,"c":false,"d":0}'
-    )
+    assert canonicalize({"a": True, "b": 1, "c": False, "d": 0}) == b'{"a":true,"b":1,"c":false,"d":0}'
     assert content_hash([True]) != content_hash([1])
     assert content_hash({"x": False}) != content_hash({"x": 0})
 
 
-@pytest.mark.parametrize(
-    "value", ["\ud800", ["ok", "\udfff"], {"\udc00": 1}, {"k": {"\ud800x": 1}}]
-)
+@pytest.mark.parametrize("value", ["\ud800", ["ok", "\udfff"], {"\udc00": 1}, {"k": {"\ud800x": 1}}])
 def test_lone_surrogates_refused(value: Any) -> None:
     with pytest.raises(CanonicalizationError):
         canonicalize(value)

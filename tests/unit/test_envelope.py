@@ -12,11 +12,12 @@ from typing import Any
 import orjson
 import pytest
 import rfc8785
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from agentflow_core.canonical import content_hash
 from agentflow_core.envelope import check_result, check_step, open_envelope, seal
 from agentflow_core.errors import CanonicalizationError, EnvelopeRejected
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 SETTINGS = settings(
     max_examples=300,
@@ -166,9 +167,7 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
-json_bodies = st.dictionaries(
-    st.text(max_size=6).filter(lambda k: k != "hash"), json_values, max_size=6
-)
+json_bodies = st.dictionaries(st.text(max_size=6).filter(lambda k: k != "hash"), json_values, max_size=6)
 
 
 @SETTINGS
@@ -311,9 +310,7 @@ def test_garbage_is_rejected(raw: bytes) -> None:
         open_envelope(raw)
 
 
-@pytest.mark.parametrize(
-    "raw", [b"[]", b'["hash"]', b"1", b'"sha256:00"', b"null", b"true", b"1.5"]
-)
+@pytest.mark.parametrize("raw", [b"[]", b'["hash"]', b"1", b'"sha256:00"', b"null", b"true", b"1.5"])
 def test_non_object_json_is_rejected(raw: bytes) -> None:
     with pytest.raises(EnvelopeRejected, match="not a JSON object"):
         open_envelope(raw)
@@ -337,9 +334,7 @@ def test_missing_or_invalid_hash_is_rejected(raw: bytes) -> None:
         open_envelope(raw)
 
 
-@pytest.mark.parametrize(
-    "token", [b"NaN", b"-NaN", b"Infinity", b"-Infinity", b"inf", b"nan", b"1e400", b"-1e400"]
-)
+@pytest.mark.parametrize("token", [b"NaN", b"-NaN", b"Infinity", b"-Infinity", b"inf", b"nan", b"1e400", b"-1e400"])
 def test_non_finite_number_tokens_are_rejected(token: bytes) -> None:
     _, digest = seal({"a": 1})
     raw = b'{"a":' + token + b',"hash":"' + digest.encode() + b'"}'
@@ -408,9 +403,7 @@ ascii_hash_claims = st.one_of(
 
 @SETTINGS
 @given(json_bodies, ascii_hash_claims)
-def test_arbitrary_claims_only_ever_raise_envelope_rejected(
-    body: dict[str, Any], claim: Any
-) -> None:
+def test_arbitrary_claims_only_ever_raise_envelope_rejected(body: dict[str, Any], claim: Any) -> None:
     raw = orjson.dumps({**body, "hash": claim})
     with pytest.raises(EnvelopeRejected):
         open_envelope(raw)
@@ -472,12 +465,8 @@ STEP_FIELDS: list[tuple[tuple[str, ...], list[Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("path", "bad_values"), STEP_FIELDS, ids=[".".join(p) for p, _ in STEP_FIELDS]
-)
-def test_check_step_rejects_bad_fields_naming_them(
-    path: tuple[str, ...], bad_values: list[Any]
-) -> None:
+@pytest.mark.parametrize(("path", "bad_values"), STEP_FIELDS, ids=[".".join(p) for p, _ in STEP_FIELDS])
+def test_check_step_rejects_bad_fields_naming_them(path: tuple[str, ...], bad_values: list[Any]) -> None:
     field = path[-1]
     with pytest.raises(EnvelopeRejected, match=f"'{field}'"):
         check_step(_without(step_body(), path))
@@ -518,9 +507,7 @@ def test_check_result_rejects_bad_fields_naming_them(field: str, bad_values: lis
             check_result(_with(result_body(), (field,), bad))
 
 
-@pytest.mark.parametrize(
-    "field", ["tenant", "run", "step", "worker", "attempt", "delivery", "started_us"]
-)
+@pytest.mark.parametrize("field", ["tenant", "run", "step", "worker", "attempt", "delivery", "started_us"])
 def test_check_result_rejects_bad_started_notice_naming_field(field: str) -> None:
     with pytest.raises(EnvelopeRejected, match=f"'{field}'"):
         check_result(_without(started_body(), (field,)))

@@ -50,9 +50,7 @@ def test_error_routes_to_on_error_and_final_error_fails_run() -> None:
     assert d2.dispatch[0].state == "repair"
     d3 = planner.on_result(d2.state, StepResult(2, "succeeded", 1), None)
     d4 = planner.on_result(d3.state, StepResult(3, "timeout", None, "too slow"), None)
-    assert (
-        d4.outcome is not None and d4.outcome.status == "failed" and d4.outcome.error == "too slow"
-    )
+    assert d4.outcome is not None and d4.outcome.status == "failed" and d4.outcome.error == "too slow"
 
 
 def test_failure_without_on_error_fails_run() -> None:
@@ -89,9 +87,7 @@ def test_max_steps_guard_fails_runaway_loop() -> None:
     seqs = []
     while decision.outcome is None:
         seqs.append(decision.dispatch[0].seq)
-        decision = planner.on_result(
-            decision.state, StepResult(decision.dispatch[0].seq, "succeeded"), None
-        )
+        decision = planner.on_result(decision.state, StepResult(decision.dispatch[0].seq, "succeeded"), None)
     assert seqs == [1, 2, 3]
     assert decision.outcome.status == "failed" and "max_steps=3" in (decision.outcome.error or "")
 

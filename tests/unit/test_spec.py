@@ -4,6 +4,7 @@ import copy
 from typing import Any
 
 import pytest
+
 from agentflow_core.errors import ValidationFailed
 from agentflow_core.spec import parse_workflow
 
@@ -105,10 +106,7 @@ def test_invalid_yaml_and_non_mapping() -> None:
 
 def test_url_name_must_match_body() -> None:
     assert _errors(_base(), name="other")[0]["loc"] == "name"
-    assert (
-        parse_workflow({k: v for k, v in _base().items() if k != "name"}, name="filled").name
-        == "filled"
-    )
+    assert parse_workflow({k: v for k, v in _base().items() if k != "name"}, name="filled").name == "filled"
 
 
 def test_sleep_settings_are_checked() -> None:

@@ -49,9 +49,7 @@ class FsmPlanner:
         target = node.on_success if ok else node.on_error
         if target is None:
             error = result.error or f"step '{current}' {result.status}"
-            return Decision(
-                state={**state, "current": None}, outcome=RunOutcome("failed", result.output, error)
-            )
+            return Decision(state={**state, "current": None}, outcome=RunOutcome("failed", result.output, error))
         if target in self._finals:
             final = {"current": target, "seq": result.seq}
             if ok:

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import orjson
-from agentflow_bus.connection import connect, ensure_streams
-from agentflow_bus.subjects import Names
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from agentflow_bus.connection import connect, ensure_streams
+from agentflow_bus.subjects import Names
 from agentflow_control_plane.api.deps import StateDep
 from agentflow_control_plane.api.errors import install_error_handlers
 from agentflow_control_plane.api.routes import router

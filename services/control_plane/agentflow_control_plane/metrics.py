@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-STEPS_DISPATCHED = Counter(
-    "agentflow_steps_dispatched_total", "Step messages published to JetStream"
-)
+STEPS_DISPATCHED = Counter("agentflow_steps_dispatched_total", "Step messages published to JetStream")
 STEPS_COMPLETED = Counter("agentflow_steps_completed_total", "Steps that finished successfully")
 STEPS_FAILED = Counter(
     "agentflow_steps_failed_total",
@@ -14,9 +12,7 @@ STEPS_FAILED = Counter(
     ["reason"],
 )
 STEP_RETRIES = Counter("agentflow_step_retries_total", "Step attempts scheduled after a failure")
-RUNS_FINISHED = Counter(
-    "agentflow_runs_finished_total", "Runs that reached a final status", ["status"]
-)
+RUNS_FINISHED = Counter("agentflow_runs_finished_total", "Runs that reached a final status", ["status"])
 STEP_LATENCY = Histogram(
     "agentflow_step_latency_seconds",
     "From dispatch of a step attempt to its result committed",
@@ -45,9 +41,7 @@ RESULTS_BATCH = Histogram(
     "Result messages committed per transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-RESULTS_REJECTED = Counter(
-    "agentflow_results_rejected_total", "Result messages refused on receipt", ["reason"]
-)
+RESULTS_REJECTED = Counter("agentflow_results_rejected_total", "Result messages refused on receipt", ["reason"])
 OUTBOX_RELAYED = Counter("agentflow_outbox_relayed_total", "Outbox rows published by the relay")
 RELAY_SECONDS = Histogram("agentflow_outbox_relay_seconds", "Duration of one relay pass")
 HTTP_LATENCY = Histogram(

@@ -19,9 +19,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(
-            {"code": "payload_too_large", "detail": f"request body exceeds {self.max_bytes} bytes"}
-        )
+        body = orjson.dumps({"code": "payload_too_large", "detail": f"request body exceeds {self.max_bytes} bytes"})
         await send(
             {
                 "type": "http.response.start",
@@ -98,6 +96,4 @@ class MetricsMiddleware:
         finally:
             route: Any = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            metrics.HTTP_LATENCY.labels(scope["method"], path, str(status)).observe(
-                time.perf_counter() - started
-            )
+            metrics.HTTP_LATENCY.labels(scope["method"], path, str(status)).observe(time.perf_counter() - started)

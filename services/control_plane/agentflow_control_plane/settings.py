@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from agentflow_bus.settings import BusSettings
-from agentflow_core.errors import ConfigurationError
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agentflow_bus.settings import BusSettings
+from agentflow_core.errors import ConfigurationError
 
 #: Accepted only in dev mode; outside it the control plane refuses to start with it.
 DEV_JWT_SECRET = "agentflow-dev-secret-do-not-use-in-production"
@@ -32,7 +33,7 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     log_level: str = "info"
     max_body_bytes: int = Field(1_048_576, ge=1024)
-    db_pool_size: int = Field(20, ge=1, le=200)
+    db_pool_size: int = Field(40, ge=1, le=200)
     #: Most results committed in one transaction.
     result_batch_max: int = Field(512, ge=1, le=10_000)
     #: Result batches in flight at once in one process (each its own transaction), so
@@ -53,9 +54,7 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
                 self.jwt_secret = DEV_JWT_SECRET
             return self
         if not self.jwt_secret and not self.jwt_public_key:
-            raise ConfigurationError(
-                "AGENTFLOW_JWT_SECRET (or AGENTFLOW_JWT_PUBLIC_KEY) must be set outside dev mode"
-            )
+            raise ConfigurationError("AGENTFLOW_JWT_SECRET (or AGENTFLOW_JWT_PUBLIC_KEY) must be set outside dev mode")
         if self.jwt_secret and (self.jwt_secret == DEV_JWT_SECRET or len(self.jwt_secret) < 32):
             raise ConfigurationError(
                 "AGENTFLOW_JWT_SECRET must be a random value of at least 32 characters outside dev mode "

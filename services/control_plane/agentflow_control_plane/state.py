@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agentflow_bus.subjects import Names
 from nats.aio.client import Client
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from agentflow_bus.subjects import Names
 from agentflow_control_plane.auth import TokenVerifier
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.results import ResultProcessor

@@ -5,9 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 STEPS = Counter("agentflow_worker_steps_total", "Steps executed", ["agent_type", "status"])
-REJECTED = Counter(
-    "agentflow_worker_steps_rejected_total", "Step messages refused on receipt", ["reason"]
-)
+REJECTED = Counter("agentflow_worker_steps_rejected_total", "Step messages refused on receipt", ["reason"])
 INFLIGHT = Gauge("agentflow_worker_inflight_steps", "Steps currently executing")
 DURATION = Histogram(
     "agentflow_worker_step_duration_seconds",

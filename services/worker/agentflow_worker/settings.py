@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 
-from agentflow_bus.settings import BusSettings
 from pydantic import Field
+
+from agentflow_bus.settings import BusSettings
 
 
 class WorkerSettings(BusSettings):

@@ -16,15 +16,15 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
 from agentflow_bus.connection import connect, ensure_consumer, ensure_streams
 from agentflow_bus.pull import PullConsumer
 from agentflow_bus.subjects import Names
 from agentflow_core.envelope import ENVELOPE_VERSION, StepEnvelope, check_step, open_envelope, seal
 from agentflow_core.errors import CanonicalizationError, EnvelopeRejected
-from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-
 from agentflow_worker import metrics
 from agentflow_worker.agents import BUILTIN_AGENTS, Agent, AgentError, StepContext
 from agentflow_worker.settings import WorkerSettings
@@ -149,10 +149,7 @@ class Worker:
         try:
             claimed = orjson.loads(msg.data)
             ids = {k: claimed[k] for k in ("tenant", "run", "step", "attempt")}
-            if (
-                not all(isinstance(ids[k], str) for k in ("tenant", "run", "step"))
-                or type(ids["attempt"]) is not int
-            ):
+            if not all(isinstance(ids[k], str) for k in ("tenant", "run", "step")) or type(ids["attempt"]) is not int:
                 raise ValueError("ids of wrong type")
         except Exception:
             # Nothing identifies a step: all we can do is drop it (JetStream keeps an advisory).
@@ -237,9 +234,7 @@ class Worker:
         metrics.STEPS.labels(agent_type, result["status"]).inc()
         await msg.ack()
 
-    async def _keepalive(
-        self, msg: Msg, step: StepEnvelope, started_us: int, delivery: int
-    ) -> None:
+    async def _keepalive(self, msg: Msg, step: StepEnvelope, started_us: int, delivery: int) -> None:
         """Report a long step as started, and keep JetStream from redelivering it."""
         notice_s = self.settings.worker_started_notice_ms / 1000
         if notice_s:
@@ -292,9 +287,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                future = await js.publish_async(
-                    self.names.result_subject(tenant), wire, headers=headers
-                )
+                future = await js.publish_async(self.names.result_subject(tenant), wire, headers=headers)
                 await asyncio.wait_for(future, PUBLISH_TIMEOUT_S)
                 return True
             except Exception as exc:

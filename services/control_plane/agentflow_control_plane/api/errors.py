@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from agentflow_core.errors import AgentFlowError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agentflow_core.errors import AgentFlowError
 
 log = logging.getLogger("agentflow.api")
 

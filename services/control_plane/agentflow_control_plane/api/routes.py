@@ -7,11 +7,10 @@ import uuid
 from typing import Annotated, Any
 
 import orjson
-from agentflow_core.spec import NAME_PATTERN
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from agentflow_control_plane.api.deps import DispatcherDep, StateDep, TenantRepo, Writer
+from agentflow_control_plane.api.deps import Reader, Writer
 from agentflow_control_plane.api.schemas import (
     CreateRunIn,
     CreateRunOut,
@@ -26,6 +25,7 @@ from agentflow_control_plane.api.schemas import (
 from agentflow_control_plane.db.models import Run, Step
 from agentflow_control_plane.services import runs as run_service
 from agentflow_control_plane.services import workflows as workflow_service
+from agentflow_core.spec import NAME_PATTERN
 
 router = APIRouter(prefix="/v1")
 
@@ -86,11 +86,9 @@ _WORKFLOW_BODY = {
 
 
 @router.put("/workflows/{name}", response_model=WorkflowVersionOut, openapi_extra=_WORKFLOW_BODY)
-async def put_workflow(
-    name: WorkflowName, request: Request, repo: TenantRepo, _: Writer
-) -> WorkflowVersionOut:
+async def put_workflow(name: WorkflowName, request: Request, caller: Writer) -> WorkflowVersionOut:
     """Register a workflow from a YAML or JSON body. A changed spec becomes a new version."""
-    stored = await workflow_service.put_workflow(repo, name, await request.body())
+    stored = await workflow_service.put_workflow(caller.repo, name, await request.body())
     return WorkflowVersionOut(
         name=stored.name, version=stored.version, spec_hash=stored.spec_hash, created=stored.created
     )
@@ -98,8 +96,9 @@ async def put_workflow(
 
 @router.get("/workflows/{name}", response_model=WorkflowOut)
 async def get_workflow(
-    name: WorkflowName, repo: TenantRepo, version: Annotated[int | None, Query(ge=1)] = None
+    name: WorkflowName, caller: Reader, version: Annotated[int | None, Query(ge=1)] = None
 ) -> WorkflowOut:
+    repo = caller.repo
     found = await repo.get_workflow_version(name, version)
     versions = [v for v, _ in await repo.list_workflow_versions(name)]
     return WorkflowOut(
@@ -112,20 +111,17 @@ async def get_workflow(
     )
 
 
-@router.post(
-    "/runs", status_code=201, response_model=CreateRunOut, responses={200: {"model": CreateRunOut}}
-)
+@router.post("/runs", status_code=201, response_model=CreateRunOut, responses={200: {"model": CreateRunOut}})
 async def create_run(
     body: CreateRunIn,
-    state: StateDep,
-    dispatcher: DispatcherDep,
-    repo: TenantRepo,
-    _: Writer,
+    caller: Writer,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Any:
     """Start a run. With an ``Idempotency-Key``, repeating the request returns the same run (200)."""
+    state = caller.state
+    dispatcher = caller.dispatcher
     created = await run_service.create_run(
-        repo,
+        caller.repo,
         state.specs,
         state.names,
         workflow=body.workflow,
@@ -145,12 +141,12 @@ async def create_run(
 
 @router.get("/runs", response_model=list[RunSummaryOut])
 async def list_runs(
-    repo: TenantRepo,
+    caller: Reader,
     status: RunStatus | None = None,
     workflow: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[RunSummaryOut]:
-    runs = await repo.list_runs(status=status, workflow=workflow, limit=limit)
+    runs = await caller.repo.list_runs(status=status, workflow=workflow, limit=limit)
     return [
         RunSummaryOut(
             id=r.id,
@@ -166,14 +162,14 @@ async def list_runs(
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)
-async def get_run(run_id: uuid.UUID, repo: TenantRepo) -> RunOut:
-    run = await repo.get_run(run_id)
-    return _run_out(run, await repo.get_steps(run_id))
+async def get_run(run_id: uuid.UUID, caller: Reader) -> RunOut:
+    run = await caller.repo.get_run(run_id)
+    return _run_out(run, await caller.repo.get_steps(run_id))
 
 
 @router.get("/runs/{run_id}/envelopes", response_model=list[EnvelopeOut])
-async def get_envelopes(run_id: uuid.UUID, repo: TenantRepo) -> list[EnvelopeOut]:
-    envelopes = await repo.get_envelopes(run_id)
+async def get_envelopes(run_id: uuid.UUID, caller: Reader) -> list[EnvelopeOut]:
+    envelopes = await caller.repo.get_envelopes(run_id)
     out = []
     for e in envelopes:
         raw = bytes(e.body)
@@ -196,7 +192,8 @@ async def get_envelopes(run_id: uuid.UUID, repo: TenantRepo) -> list[EnvelopeOut
 
 
 @router.post("/runs/{run_id}/cancel", response_model=RunOut)
-async def cancel_run(run_id: uuid.UUID, state: StateDep, repo: TenantRepo, _: Writer) -> RunOut:
+async def cancel_run(run_id: uuid.UUID, caller: Writer) -> RunOut:
+    state, repo = caller.state, caller.repo
     run = await run_service.cancel_run(repo, run_id)
     if state.nc is not None and state.nc.is_connected:
         # Best effort: workers stop the run's in-flight steps; late results are ignored anyway.

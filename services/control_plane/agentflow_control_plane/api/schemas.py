@@ -47,9 +47,7 @@ class StepOut(BaseModel):
     state: str
     agent: str
     status: StepStatus
-    attempts: int = Field(
-        description="Times a worker picked the step up, redeliveries and retries included"
-    )
+    attempts: int = Field(description="Times a worker picked the step up, redeliveries and retries included")
     attempt: int = Field(description="Dispatch attempt (retries after failure) currently in force")
     max_attempts: int
     worker: str | None

@@ -51,9 +51,7 @@ class WorkflowVersion(Base):
     """An immutable version of a workflow spec, identified by its content hash."""
 
     __tablename__ = "workflow_versions"
-    __table_args__ = (
-        Index("uq_workflow_versions_hash", "tenant_id", "name", "spec_hash", unique=True),
-    )
+    __table_args__ = (Index("uq_workflow_versions_hash", "tenant_id", "name", "spec_hash", unique=True),)
 
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -108,9 +106,7 @@ class Step(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
-    run_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
-    )
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(128))
     agent: Mapped[str] = mapped_column(String(128))
@@ -149,9 +145,7 @@ class Envelope(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
-    run_id: Mapped[uuid.UUID] = mapped_column(
-        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
-    )
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"))
     step_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     attempt: Mapped[int] = mapped_column(Integer)
     #: step | result | rejected (a result that failed verification, kept as evidence)

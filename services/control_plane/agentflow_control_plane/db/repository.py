@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from agentflow_core.errors import NotFound
 from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from agentflow_control_plane.db.models import Envelope, Run, Step, Workflow, WorkflowVersion
 from agentflow_control_plane.db.session import driver
+from agentflow_core.errors import NotFound
 
 _known_tenants: set[str] = set()
 
@@ -50,16 +50,12 @@ class TenantRepository:
         if self.tenant in _known_tenants:
             return
         # Autocommitted on its own: idempotent, and needed before any row of the tenant.
-        await (await self.driver()).execute(
-            "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", self.tenant
-        )
+        await (await self.driver()).execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", self.tenant)
         _known_tenants.add(self.tenant)
 
     # --- workflows -------------------------------------------------------------------
 
-    async def put_workflow_version(
-        self, name: str, spec: dict[str, Any], spec_hash: str
-    ) -> StoredVersion:
+    async def put_workflow_version(self, name: str, spec: dict[str, Any], spec_hash: str) -> StoredVersion:
         """Store a new immutable version unless this exact spec is already one."""
         await self.ensure_tenant()
         existing = await self.session.scalar(
@@ -73,14 +69,10 @@ class TenantRepository:
             return StoredVersion(name, existing.version, spec_hash, existing.spec, created=False)
         # Lock the workflow row so concurrent PUTs number versions without gaps or clashes.
         await self.session.execute(
-            insert(Workflow)
-            .values(tenant_id=self.tenant, name=name, latest_version=0)
-            .on_conflict_do_nothing()
+            insert(Workflow).values(tenant_id=self.tenant, name=name, latest_version=0).on_conflict_do_nothing()
         )
         workflow = await self.session.scalar(
-            select(Workflow)
-            .where(Workflow.tenant_id == self.tenant, Workflow.name == name)
-            .with_for_update()
+            select(Workflow).where(Workflow.tenant_id == self.tenant, Workflow.name == name).with_for_update()
         )
         assert workflow is not None
         existing = await self.session.scalar(
@@ -96,16 +88,12 @@ class TenantRepository:
         workflow.latest_version = version
         workflow.updated_at = datetime.now(UTC)
         self.session.add(
-            WorkflowVersion(
-                tenant_id=self.tenant, name=name, version=version, spec_hash=spec_hash, spec=spec
-            )
+            WorkflowVersion(tenant_id=self.tenant, name=name, version=version, spec_hash=spec_hash, spec=spec)
         )
         return StoredVersion(name, version, spec_hash, spec, created=True)
 
     async def get_workflow_version(self, name: str, version: int | None = None) -> WorkflowVersion:
-        query = select(WorkflowVersion).where(
-            WorkflowVersion.tenant_id == self.tenant, WorkflowVersion.name == name
-        )
+        query = select(WorkflowVersion).where(WorkflowVersion.tenant_id == self.tenant, WorkflowVersion.name == name)
         if version is None:
             query = query.order_by(WorkflowVersion.version.desc()).limit(1)
         else:
@@ -186,9 +174,7 @@ class TenantRepository:
     async def get_steps(self, run_id: uuid.UUID) -> list[Step]:
         return list(
             await self.session.scalars(
-                select(Step)
-                .where(Step.tenant_id == self.tenant, Step.run_id == run_id)
-                .order_by(Step.seq)
+                select(Step).where(Step.tenant_id == self.tenant, Step.run_id == run_id).order_by(Step.seq)
             )
         )
 

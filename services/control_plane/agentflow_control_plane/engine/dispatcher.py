@@ -70,14 +70,10 @@ class Dispatcher:
                 for m in messages
             ]
         except Exception as exc:  # NATS down: the relay retries from the outbox
-            log.warning(
-                "publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc
-            )
+            log.warning("publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc)
             return None
 
-    async def confirm(
-        self, messages: list[OutMsg], futures: list[asyncio.Future[Any]] | None
-    ) -> bool:
+    async def confirm(self, messages: list[OutMsg], futures: list[asyncio.Future[Any]] | None) -> bool:
         """Wait for JetStream's acks, then let the rows be deleted."""
         if not messages:
             return True
@@ -86,9 +82,7 @@ class Dispatcher:
         try:
             await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
         except Exception as exc:  # timeout, stream error: the relay retries from the outbox
-            log.warning(
-                "publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc
-            )
+            log.warning("publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc)
             return False
         metrics.STEPS_DISPATCHED.inc(len(messages))
         self._published.extend(m.outbox_id for m in messages)
@@ -102,9 +96,7 @@ class Dispatcher:
         ids, self._published = self._published, []
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(
-                    text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": ids}
-                )
+                await conn.execute(text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": ids})
         except Exception as exc:
             # Rows stay; the relay re-publishes them later and JetStream dedupes.
             log.warning("deleting %d published outbox rows failed: %s", len(ids), exc)

@@ -18,22 +18,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from agentflow_bus.connection import ensure_consumer
-from agentflow_bus.pull import PullConsumer
-from agentflow_bus.subjects import Names
-from agentflow_core.envelope import check_result, open_envelope
-from agentflow_core.errors import EnvelopeRejected
-from agentflow_core.planners import StepResult
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentflow_bus.connection import ensure_consumer
+from agentflow_bus.pull import PullConsumer
+from agentflow_bus.subjects import Names
 from agentflow_control_plane import metrics
 from agentflow_control_plane.db.session import pg_transaction
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
 from agentflow_control_plane.engine.writes import WriteSet, dumps_or_none
 from agentflow_control_plane.settings import ControlPlaneSettings
+from agentflow_core.envelope import check_result, open_envelope
+from agentflow_core.errors import EnvelopeRejected
+from agentflow_core.planners import StepResult
 
 log = logging.getLogger("agentflow.results")
 
@@ -220,9 +220,7 @@ class ResultProcessor:
             await self.process(batch)
             self._backoff = 0.1
         except Exception as exc:
-            log.warning(
-                "result batch of %d failed (%s); redelivering", len(batch), exc, exc_info=True
-            )
+            log.warning("result batch of %d failed (%s); redelivering", len(batch), exc, exc_info=True)
             for msg in batch:
                 with contextlib.suppress(Exception):
                     await msg.nak(delay=self._backoff)
@@ -241,9 +239,7 @@ class ResultProcessor:
             check_result(body)
             return Incoming(msg, body, raw, digest, uuid.UUID(body["step"]))
         except (EnvelopeRejected, ValueError) as exc:
-            reason = (
-                exc.message if isinstance(exc, EnvelopeRejected) else f"malformed envelope: {exc}"
-            )
+            reason = exc.message if isinstance(exc, EnvelopeRejected) else f"malformed envelope: {exc}"
             step_id = None
             with contextlib.suppress(Exception):
                 step_id = uuid.UUID(orjson.loads(raw)["step"])
@@ -272,9 +268,7 @@ class ResultProcessor:
                 step = steps.get(item.step_id) if item.step_id else None
                 if step is None:
                     reason = item.reject_reason or "result for an unknown step"
-                    metrics.RESULTS_REJECTED.labels(
-                        "unknown_step" if item.body else "invalid"
-                    ).inc()
+                    metrics.RESULTS_REJECTED.labels("unknown_step" if item.body else "invalid").inc()
                     log.warning("dropping result message: %s", reason)
                     continue
                 run = runs[step.run_id]
@@ -288,11 +282,7 @@ class ResultProcessor:
                     elif body["kind"] == "started":
                         self._started(step, run, body)  # progress only: no envelope to keep
                         continue
-                    elif (
-                        body["attempt"] == step.attempt
-                        and step.step_hash
-                        and body["step_hash"] != step.step_hash
-                    ):
+                    elif body["attempt"] == step.attempt and step.step_hash and body["step_hash"] != step.step_hash:
                         body = None
                         item.reject_reason = (
                             f"result answers step envelope {item.body['step_hash'] if item.body else '?'}, "
@@ -305,15 +295,9 @@ class ResultProcessor:
                     with contextlib.suppress(Exception):
                         attempt = int(orjson.loads(item.raw)["attempt"])
                     digest = item.digest or "sha256:unverified"
-                    writes.add_envelope(
-                        step.tenant, step.run_id, step.id, attempt, "rejected", digest, item.raw
-                    )
+                    writes.add_envelope(step.tenant, step.run_id, step.id, attempt, "rejected", digest, item.raw)
                     # A result that failed verification counts as a failed attempt.
-                    if (
-                        attempt == step.attempt
-                        and step.status in ACTIVE
-                        and run.status not in FINAL_RUN
-                    ):
+                    if attempt == step.attempt and step.status in ACTIVE and run.status not in FINAL_RUN:
                         self._finish_attempt(
                             step, run, compiled.get(run.key), writes, now,
                             StepResult(step.seq, "rejected", None, f"result rejected: {item.reject_reason}"),

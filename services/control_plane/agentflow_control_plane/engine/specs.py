@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+
 from agentflow_core.planners import Planner, planner_for
 from agentflow_core.spec import WorkflowSpec
 
@@ -39,9 +40,7 @@ class SpecCache:
     def put_raw(self, key: SpecKey, raw: dict[str, Any], spec_hash: str) -> CompiledWorkflow:
         return self.put(key, WorkflowSpec.model_validate(raw), spec_hash)
 
-    async def get_many(
-        self, conn: asyncpg.Connection, keys: set[SpecKey]
-    ) -> dict[SpecKey, CompiledWorkflow]:
+    async def get_many(self, conn: asyncpg.Connection, keys: set[SpecKey]) -> dict[SpecKey, CompiledWorkflow]:
         found: dict[SpecKey, CompiledWorkflow] = {}
         missing: list[SpecKey] = []
         for key in keys:

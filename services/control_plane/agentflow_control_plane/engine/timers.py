@@ -15,9 +15,9 @@ import logging
 from datetime import UTC, datetime
 
 import orjson
-from agentflow_bus.subjects import Names
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentflow_bus.subjects import Names
 from agentflow_control_plane.db.session import pg_transaction
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.writes import WriteSet
@@ -33,9 +33,7 @@ DUE_SQL = (
 
 
 class Timers:
-    def __init__(
-        self, engine: AsyncEngine, dispatcher: Dispatcher, names: Names, interval_s: float
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher, names: Names, interval_s: float) -> None:
         self._engine = engine
         self._dispatcher = dispatcher
         self._names = names
@@ -63,9 +61,7 @@ class Timers:
                 body = orjson.loads(bytes(previous))
                 body.pop("hash", None)
                 body["attempt"] = attempt
-                digest = writes.dispatch_attempt(
-                    tenant=tenant, run_id=run_id, step_id=step_id, queue=queue, body=body
-                )
+                digest = writes.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=queue, body=body)
                 updates.append((step_id, digest))
             await conn.execute(
                 "UPDATE steps AS s SET step_hash = u.hash, next_attempt_at = NULL, queued_at = $3 "

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+
 from agentflow_bus.subjects import Names
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
@@ -92,9 +93,7 @@ class WriteSet:
         )
         return digest
 
-    def new_step(
-        self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest
-    ) -> None:
+    def new_step(self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest) -> None:
         agent = spec.agents[req.agent]
         step_id = step_id_for(run_id, req.seq)
         body = {
@@ -113,9 +112,7 @@ class WriteSet:
             },
             "payload": req.payload,
         }
-        digest = self.dispatch_attempt(
-            tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body
-        )
+        digest = self.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body)
         self.new_steps.append(
             (
                 step_id,
@@ -245,10 +242,7 @@ class WriteSet:
                 + arg(self.now, "timestamptz")
                 + " FROM unnest("
                 + columns(
-                    [
-                        (m.tenant, m.run_id, m.subject, m.msg_id, m.body, m.traceparent)
-                        for m in self.outbox
-                    ],
+                    [(m.tenant, m.run_id, m.subject, m.msg_id, m.body, m.traceparent) for m in self.outbox],
                     ("text[]", "uuid[]", "text[]", "text[]", "bytea[]", "text[]"),
                 )
                 + f") AS u{guard} RETURNING id)"
@@ -256,12 +250,8 @@ class WriteSet:
         if not ctes:
             return True
         inserted = "(SELECT count(*) FROM new_run)" if self.new_run is not None else "1"
-        outbox_ids = (
-            "ARRAY(SELECT id FROM new_outbox ORDER BY id)" if self.outbox else "NULL::bigint[]"
-        )
-        row = await conn.fetchrow(
-            "WITH " + ", ".join(ctes) + f" SELECT {inserted}, {outbox_ids}", *params
-        )
+        outbox_ids = "ARRAY(SELECT id FROM new_outbox ORDER BY id)" if self.outbox else "NULL::bigint[]"
+        row = await conn.fetchrow("WITH " + ", ".join(ctes) + f" SELECT {inserted}, {outbox_ids}", *params)
         assert row is not None
         if self.outbox and row[0]:
             # Serial ids follow the unnest order, so ids and messages pair up in order.

@@ -9,14 +9,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from agentflow_bus.subjects import Names
-from agentflow_core.canonical import content_hash
-from agentflow_core.errors import Conflict
 
+from agentflow_bus.subjects import Names
 from agentflow_control_plane.db.models import Run
 from agentflow_control_plane.db.repository import TenantRepository
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
+from agentflow_core.canonical import content_hash
+from agentflow_core.errors import Conflict
 
 
 @dataclass(frozen=True, slots=True)

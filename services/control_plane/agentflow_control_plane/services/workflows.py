@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from agentflow_core.spec import parse_workflow
-
 from agentflow_control_plane.db.repository import StoredVersion, TenantRepository
+from agentflow_core.spec import parse_workflow
 
 
 async def put_workflow(repo: TenantRepository, name: str, source: bytes) -> StoredVersion:
