@@ -222,8 +222,8 @@ async def _submit_many(stack: Stack, workflow: str, count: int, clients: int) ->
     return latencies
 
 
-async def _wait_all(stack: Stack, workflow: str, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_all(stack: Stack, workflow: str, count: int, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         done = await stack.db.fetchval(
             "SELECT count(*) FROM runs WHERE workflow_name = $1 AND status IN ('succeeded', 'failed')",
@@ -237,7 +237,16 @@ async def _wait_all(stack: Stack, workflow: str, count: int, timeout: float) -> 
                 raise RuntimeError(f"{failed} run(s) of {workflow} failed")
             return
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"{workflow}: runs not finished after {timeout}s")
+    raise TimeoutError(f"{workflow}: runs not finished after {limit_s}s")
+
+
+async def _poll_until_done(stack: Stack, run_id: uuid.UUID) -> None:
+    # Polling is the point: the next sequential run starts as soon as this one is done.
+    status = None
+    while status not in ("succeeded", "failed"):
+        status = await stack.db.fetchval("SELECT status FROM runs WHERE id = $1", run_id)
+        if status not in ("succeeded", "failed"):
+            await asyncio.sleep(0.0005)
 
 
 async def _span(stack: Stack, workflow: str) -> float:
@@ -283,11 +292,7 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
         async with _session(stack, 1) as session:
             for i in range(args.latency):
                 run_id, _ = await _submit(session, stack.url, "single", i)
-                while (await stack.db.fetchval("SELECT status FROM runs WHERE id = $1", uuid.UUID(run_id))) not in (
-                    "succeeded",
-                    "failed",
-                ):
-                    await asyncio.sleep(0.0005)
+                await _poll_until_done(stack, uuid.UUID(run_id))
         rows = await stack.db.fetch(
             "SELECT extract(epoch FROM r.finished_at - s.queued_at) * 1000 AS ms "
             "FROM runs r JOIN steps s ON s.run_id = r.id WHERE r.workflow_name = 'single'"
@@ -318,7 +323,7 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
                 "api_requests": args.api_requests,
                 "workers": args.workers,
                 "clients": 32,
-            },  # fmt: skip
+            },
         }
     finally:
         await stack.stop()

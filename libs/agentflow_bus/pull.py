@@ -51,6 +51,7 @@ class PullConsumer:
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._paused = False
+        self._requests: set[asyncio.Future[None]] = set()
 
     @property
     def inflight(self) -> int:
@@ -93,7 +94,9 @@ class PullConsumer:
         self._last_request = time.monotonic()
         # publish() only appends to the client's write buffer; scheduling it keeps done()
         # synchronous for callers on the hot path.
-        asyncio.ensure_future(self._nc.publish(self._api_subject, orjson.dumps(request), reply=self._inbox))
+        task = asyncio.ensure_future(self._nc.publish(self._api_subject, orjson.dumps(request), reply=self._inbox))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
     async def _handle(self, msg: Msg) -> None:
         headers = msg.headers

@@ -56,7 +56,7 @@ class EmbeddedPostgres:
             import pgserver
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise EmbeddedError("embedded Postgres needs the extra: pip install 'agentflow[embedded]'") from exc
-        self._server = pgserver.get_server(self.home / "pgdata", cleanup_mode="stop")
+        self._server = pgserver.get_server(self.home / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
         exists = self._server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
         if "(1 row)" not in exists:
             self._server.psql(f'CREATE DATABASE "{database}";')

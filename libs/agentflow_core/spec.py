@@ -151,11 +151,10 @@ def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
     seen = {fsm.initial_state}
     queue = deque([fsm.initial_state])
     while queue:
-        current = queue.popleft()
-        state = fsm.states.get(current)
-        if state is None:
+        node = fsm.states.get(queue.popleft())
+        if node is None:
             continue
-        for target in (state.on_success, state.on_error):
+        for target in (node.on_success, node.on_error):
             if target is not None and target not in seen:
                 seen.add(target)
                 queue.append(target)

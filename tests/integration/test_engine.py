@@ -55,7 +55,7 @@ def test_exhausted_retries_follow_on_error(api: Api) -> None:
             "states": {
                 "try": {"agent": "bad", "on_success": "done", "on_error": "rescue"},
                 "rescue": {"agent": "rescue", "on_success": "done"},
-            },  # fmt: skip
+            },
             "final_states": ["done"],
         },
     }
@@ -92,7 +92,7 @@ async def _take_step(env: TestEnv, queue: str) -> tuple[bytes, dict[str, Any], s
         sub = await js.pull_subscribe_bind(names.step_consumer(queue), stream=names.steps_stream)
         [msg] = await sub.fetch(1, timeout=10)
         await msg.ack()
-        body, digest = open_envelope(msg.data)
+        body, _digest = open_envelope(msg.data)
         return msg.data, body, msg.subject
     finally:
         await nc.close()
@@ -118,7 +118,7 @@ def test_worker_rejects_a_tampered_step_and_the_control_plane_records_why(
 ) -> None:
     api.put_workflow(chain_workflow("tamper", 1, {"type": "echo", "queue": "tamper"}))
     run_id = api.start("tamper", {"amount": 10})
-    raw, body, subject = asyncio.run(_take_step(shared_env, "tamper"))
+    raw, _body, subject = asyncio.run(_take_step(shared_env, "tamper"))
     forged = raw.replace(b'"amount":10', b'"amount":99999')
     assert forged != raw
     asyncio.run(_publish(shared_env, subject, forged, "forged-1"))
@@ -144,7 +144,7 @@ def test_control_plane_rejects_a_tampered_result_and_ignores_duplicates(api: Api
     # Step 2: a result whose content no longer matches its hash.
     _, step2, _ = asyncio.run(_take_step(shared_env, "hand"))
     run = api.run(run_id)
-    assert [s["status"] for s in run["steps"]][0] == "succeeded"
+    assert next(s["status"] for s in run["steps"]) == "succeeded"
     wire2, _ = seal(_result_for(step2, run["steps"][1]["step_hash"], "honest"))
     forged = wire2.replace(b'"honest"', b'"forged"')
     asyncio.run(_publish(shared_env, names.result_subject(step2["tenant"]), forged, "forged-result"))

@@ -10,6 +10,7 @@ test environment gets its own fresh database and its own subject/stream prefix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
@@ -133,10 +134,8 @@ class TestEnv:
             js = nc.jetstream()
             token = self.prefix.upper()
             for suffix in ("STEPS", "RESULTS"):
-                try:
+                with contextlib.suppress(Exception):
                     await js.delete_stream(f"{token}_{suffix}")
-                except Exception:
-                    pass
         finally:
             await nc.close()
 

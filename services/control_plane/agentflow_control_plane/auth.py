@@ -64,7 +64,7 @@ class TokenVerifier:
             raise Unauthorized(f"malformed token: {exc}") from exc
         alg = header.get("alg")
         key = self._keys.get(alg) if isinstance(alg, str) else None
-        if key is None:
+        if key is None or not isinstance(alg, str):
             # Covers alg "none" and algorithms this deployment does not accept.
             raise Unauthorized(f"token algorithm {alg!r} is not accepted")
         try:

@@ -41,7 +41,7 @@ def _step_out(step: Step) -> StepOut:
         seq=step.seq,
         state=step.state,
         agent=step.agent,
-        status=step.status,  # type: ignore[arg-type]
+        status=step.status,
         attempts=step.attempts,
         attempt=step.attempt,
         max_attempts=step.max_attempts,
@@ -63,7 +63,7 @@ def _run_out(run: Run, steps: list[Step]) -> RunOut:
         id=run.id,
         workflow=run.workflow_name,
         version=run.workflow_version,
-        status=run.status,  # type: ignore[arg-type]
+        status=run.status,
         input=run.input,
         output=run.output,
         error=run.error,
@@ -133,7 +133,7 @@ async def create_run(
         os._exit(70)  # test hook: crash between commit and publish
     if created.outgoing:
         await dispatcher.publish(created.outgoing)
-    out = CreateRunOut(id=created.id, status=created.status)  # type: ignore[arg-type]
+    out = CreateRunOut(id=created.id, status=created.status)
     if created.created:
         return out
     return JSONResponse(out.model_dump(mode="json"), status_code=200)
@@ -152,7 +152,7 @@ async def list_runs(
             id=r.id,
             workflow=r.workflow_name,
             version=r.workflow_version,
-            status=r.status,  # type: ignore[arg-type]
+            status=r.status,
             error=r.error,
             created_at=r.created_at,
             finished_at=r.finished_at,
@@ -181,7 +181,7 @@ async def get_envelopes(run_id: uuid.UUID, caller: Reader) -> list[EnvelopeOut]:
             EnvelopeOut(
                 step=e.step_id,
                 attempt=e.attempt,
-                kind=e.kind,  # type: ignore[arg-type]
+                kind=e.kind,
                 hash=e.hash,
                 raw=raw.decode("utf-8", errors="replace"),
                 envelope=parsed,

@@ -48,7 +48,7 @@ async def driver(conn: AsyncConnection) -> asyncpg.Connection:
     statements, or use :func:`pg_transaction`.
     """
     raw = await conn.get_raw_connection()
-    connection: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+    connection: asyncpg.Connection = raw.driver_connection
     return connection
 
 

@@ -176,7 +176,7 @@ class WriteSet:
                         "int[]",
                         "text[]",
                     ),
-                )  # fmt: skip
+                )
                 + f") AS u{guard})"
             )
         if self.step_updates:
@@ -204,7 +204,7 @@ class WriteSet:
                         "text[]",
                         "timestamptz[]",
                     ),
-                )  # fmt: skip
+                )
                 + ") AS u(id, status, attempt, attempts, pickups_before, worker, started_at, finished_at,"
                 " next_attempt_at, output, error, step_hash, result_hash, queued_at) WHERE s.id = u.id)"
             )
@@ -225,7 +225,7 @@ class WriteSet:
                         "timestamptz[]",
                         "timestamptz[]",
                     ),
-                )  # fmt: skip
+                )
                 + ") AS u(id, status, state, output, error, started_at, finished_at) WHERE r.id = u.id)"
             )
         if self.envelopes:
