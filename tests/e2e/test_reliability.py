@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -116,12 +121,15 @@ def test_two_control_planes_never_double_advance_a_run(make_env: Callable[[], Te
         cluster.close()
 
 
-class TcpProxy:
-    """A loopback TCP proxy that can cut every connection, to simulate an outage."""
+class Proxy:
+    """A byte proxy (TCP or Unix socket) that can cut every connection, to simulate an outage."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int] | str) -> None:
         self.target = target
-        self.port = free_port()
+        if isinstance(target, str):  # a Unix socket path: listen on one beside a copy
+            self.listen: tuple[str, int] | str = str(Path(tempfile.mkdtemp(prefix="proxy-")) / Path(target).name)
+        else:
+            self.listen = ("127.0.0.1", free_port())
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -144,7 +152,10 @@ class TcpProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            if isinstance(self.target, str):
+                up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.close()
             return
@@ -152,7 +163,12 @@ class TcpProxy:
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        if isinstance(self.listen, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.listen)
+            self._server = await asyncio.start_unix_server(self._handle, self.listen)
+        else:
+            self._server = await asyncio.start_server(self._handle, *self.listen)
 
     async def _stop(self) -> None:
         if self._server is not None:
@@ -173,27 +189,32 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def _host_port(url: str, default: int) -> tuple[str, int]:
-    rest = url.split("@")[-1].split("//")[-1].split("/")[0]
-    host, _, port = rest.partition(":")
-    return host or "127.0.0.1", int(port or default)
+def _proxied_database_url(url: str) -> tuple[Proxy, str]:
+    """A proxy in front of the database, and the URL that goes through it."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    if "host" in query and query["host"].startswith("/"):  # Unix socket (embedded Postgres)
+        port = parts.port or 5432
+        proxy = Proxy(f"{query['host']}/.s.PGSQL.{port}")
+        assert isinstance(proxy.listen, str)
+        query["host"] = str(Path(proxy.listen).parent)
+        return proxy, urlunsplit(parts._replace(query=urlencode(query)))
+    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    assert not isinstance(proxy.listen, str)
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0] + "@" if len(netloc) == 2 else ""
+    return proxy, urlunsplit(parts._replace(netloc=f"{userinfo}127.0.0.1:{proxy.listen[1]}"))
 
 
 @pytest.mark.parametrize("outage", ["postgres", "nats"])
 def test_outage_is_reported_by_readyz_and_recovered(make_env: Callable[[], TestEnv], outage: str) -> None:
     env = make_env()
-    if "host=/" in env.database_url:
-        pytest.skip("embedded Postgres listens on a Unix socket only; the TCP proxy needs a TCP server")
-    pg_proxy = TcpProxy(_host_port(env.database_url, 5432))
-    nats_proxy = TcpProxy(_host_port(env.services.nats_url, 4222))
+    pg_proxy, database_url = _proxied_database_url(env.database_url)
+    nats_parts = urlsplit(env.services.nats_url)
+    nats_proxy = Proxy((nats_parts.hostname or "127.0.0.1", nats_parts.port or 4222))
+    assert not isinstance(nats_proxy.listen, str)
     proxy = pg_proxy if outage == "postgres" else nats_proxy
-    database_url = env.database_url.replace(
-        "@" + env.database_url.split("@")[1].split("/")[0], f"@127.0.0.1:{pg_proxy.port}"
-    )
-    extra = {
-        "AGENTFLOW_DATABASE_URL": database_url,
-        "AGENTFLOW_NATS_URL": f"nats://127.0.0.1:{nats_proxy.port}",
-    }
+    extra = {"AGENTFLOW_DATABASE_URL": database_url, "AGENTFLOW_NATS_URL": f"nats://127.0.0.1:{nats_proxy.listen[1]}"}
     cluster = Cluster(env)
     try:
         _, url = cluster.control_plane(**extra)

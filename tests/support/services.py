@@ -45,9 +45,11 @@ class Services:
         embedded: list[Any] = []
         home = Path(tempfile.mkdtemp(prefix="agentflow-test-"))
         (home / "logs").mkdir()
+        # AGENTFLOW_TEST_EMBEDDED=1 ignores local servers: what a fresh machine does.
+        force_embedded = os.environ.get("AGENTFLOW_TEST_EMBEDDED") == "1"
         db = os.environ.get("AGENTFLOW_TEST_DATABASE_URL")
         if not db:
-            if _listening("127.0.0.1", 5432):
+            if _listening("127.0.0.1", 5432) and not force_embedded:
                 db = "postgresql://postgres@127.0.0.1:5432/postgres"
             else:
                 pg = EmbeddedPostgres(home)
@@ -55,7 +57,7 @@ class Services:
                 embedded.append(pg)
         nats_url = os.environ.get("AGENTFLOW_TEST_NATS_URL")
         if not nats_url:
-            if _listening("127.0.0.1", 4222):
+            if _listening("127.0.0.1", 4222) and not force_embedded:
                 nats_url = "nats://127.0.0.1:4222"
             else:
                 server = EmbeddedNats(home)
