@@ -117,6 +117,11 @@ class Stack:
             server = EmbeddedNats(self.logdir)
             self.nats_url = server.start()
             self.embedded.append(server)
+        import nats
+
+        nc = await nats.connect(self.nats_url)
+        self.nats_version = str(nc.connected_server_version)
+        await nc.close()
         self.admin_dsn = admin
         self.database = f"agentflow_bench_{self.tag}"
         conn = await asyncpg.connect(admin)
@@ -315,6 +320,7 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
                 q: round(percentile(throughput_api, int(q[1:])) * 1000, 2) for q in ("p50", "p95", "p99")
             },
             "postgres_version": stack.pg_version,
+            "nats_server_version": stack.nats_version,
             "config": {
                 "runs": args.runs,
                 "steps": args.steps,
@@ -341,12 +347,10 @@ def bench_celery(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def machine() -> dict[str, Any]:
-    nats_version = subprocess.run(["nats-server", "--version"], capture_output=True, text=True).stdout.strip()
     return {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "nats_server": nats_version or "unknown",
         "packages": {p: version(p) for p in ("agentflow", "nats-py", "sqlalchemy", "asyncpg", "fastapi", "uvicorn")},
     }
 

@@ -164,6 +164,7 @@ class ResultProcessor:
         self._wake = asyncio.Event()
         self._consumer: PullConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._backoff = 0.1
 
     async def start(self) -> None:
@@ -193,6 +194,9 @@ class ResultProcessor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._running:
+            # Let batches in flight commit (or fail and be redelivered) before leaving.
+            await asyncio.wait(self._running, timeout=10)
 
     def _enqueue(self, msg: Msg) -> None:
         self._pending.append(msg)
@@ -200,7 +204,7 @@ class ResultProcessor:
 
     async def _loop(self) -> None:
         slots = asyncio.Semaphore(self._settings.results_concurrency)
-        running: set[asyncio.Task[None]] = set()
+        running = self._running
         while True:
             await self._wake.wait()
             self._wake.clear()
