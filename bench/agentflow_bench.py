@@ -43,6 +43,8 @@ import aiohttp
 import asyncpg
 import httpx
 
+from agentflow_core.builders import linear_fsm
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,27 +61,6 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def chain_spec(name: str, steps: int) -> dict[str, Any]:
-    states = {
-        f"s{i}": {
-            "agent": "a",
-            "on_success": f"s{i + 1}" if i + 1 < steps else "done",
-            "on_error": "failed",
-        }
-        for i in range(steps)
-    }
-    return {
-        "name": name,
-        "agents": {"a": {"type": "echo"}},
-        "planner": {
-            "type": "fsm",
-            "initial_state": "s0",
-            "states": states,
-            "final_states": ["done", "failed"],
-        },
-    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -273,12 +254,12 @@ async def bench_agentflow(args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack(args.workers)
     await stack.start()
     try:
-        await _register(stack, chain_spec("throughput", args.steps))
-        await _register(stack, chain_spec("warmup", args.steps))
-        await _register(stack, chain_spec("chain", args.chain))
-        await _register(stack, chain_spec("single", 1))
-        await _register(stack, chain_spec("api", 1))
-        parked = chain_spec("parked", 1)
+        await _register(stack, linear_fsm("throughput", args.steps))
+        await _register(stack, linear_fsm("warmup", args.steps))
+        await _register(stack, linear_fsm("chain", args.chain))
+        await _register(stack, linear_fsm("single", 1))
+        await _register(stack, linear_fsm("api", 1))
+        parked = linear_fsm("parked", 1)
         parked["agents"]["a"]["queue"] = "parked"  # no worker consumes it
         await _register(stack, parked)
 

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from agentflow_control_plane.auth import issue_token
+from agentflow_core.builders import linear_fsm
 from tests.support.services import TestEnv
 
 
@@ -147,23 +148,4 @@ class Api:
             time.sleep(0.05)
 
 
-def chain_workflow(name: str, steps: int, agent: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An FSM of ``steps`` sequential states, all running one agent."""
-    states = {
-        f"s{i}": {
-            "agent": "a",
-            "on_success": f"s{i + 1}" if i + 1 < steps else "done",
-            "on_error": "failed",
-        }
-        for i in range(steps)
-    }
-    return {
-        "name": name,
-        "agents": {"a": agent or {"type": "echo"}},
-        "planner": {
-            "type": "fsm",
-            "initial_state": "s0",
-            "states": states,
-            "final_states": ["done", "failed"],
-        },
-    }
+chain_workflow = linear_fsm

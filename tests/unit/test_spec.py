@@ -5,22 +5,11 @@ from typing import Any
 
 import pytest
 
+from agentflow_cli.demo import HELLO_WORKFLOW
 from agentflow_core.errors import ValidationFailed
 from agentflow_core.spec import parse_workflow
 
-HELLO = """
-name: hello
-agents:
-  greet: {type: echo}
-  nap:   {type: sleep, ms: 50, timeout_s: 5, retry: {max_attempts: 3, backoff_ms: 100}}
-planner:
-  type: fsm
-  initial_state: greet
-  states:
-    greet: {agent: greet, on_success: nap, on_error: failed}
-    nap:   {agent: nap, on_success: done, on_error: failed}
-  final_states: [done, failed]
-"""
+HELLO = HELLO_WORKFLOW
 
 
 def _base() -> dict[str, Any]:
