@@ -204,7 +204,14 @@ class Worker:
             config=agent_call["config"],
             payload=step["payload"],
         )
-        keepalive = asyncio.create_task(self._keepalive(msg, step, started_us, delivery))
+        # Most steps finish before the notice is due: a timer is cheaper than a task.
+        keepalive: list[asyncio.Task[None]] = []
+
+        def start_keepalive() -> None:
+            keepalive.append(asyncio.create_task(self._keepalive(msg, step, started_us, delivery)))
+
+        notice_s = self.settings.worker_started_notice_ms / 1000
+        timer = asyncio.get_running_loop().call_later(notice_s, start_keepalive)
         status, output, error = "succeeded", None, None
         began = time.perf_counter()
         try:
@@ -214,7 +221,8 @@ class Worker:
             else:
                 timeout = agent_call.get("timeout_s")
                 try:
-                    output = await asyncio.wait_for(agent.run(ctx), timeout)
+                    async with asyncio.timeout(timeout):
+                        output = await agent.run(ctx)
                 except TimeoutError:
                     status, error = (
                         "timeout",
@@ -226,7 +234,9 @@ class Worker:
                     log.exception("agent %s raised", ctx.agent_name)
                     status, error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
-            keepalive.cancel()
+            timer.cancel()
+            for task in keepalive:
+                task.cancel()
         metrics.DURATION.labels(agent_type).observe(time.perf_counter() - began)
         result = self._result_body(dict(step), digest, msg, status, output, error, started_us)
         if not await self._publish_result(step["tenant"], result, msg):
@@ -237,8 +247,6 @@ class Worker:
     async def _keepalive(self, msg: Msg, step: StepEnvelope, started_us: int, delivery: int) -> None:
         """Report a long step as started, and keep JetStream from redelivering it."""
         notice_s = self.settings.worker_started_notice_ms / 1000
-        if notice_s:
-            await asyncio.sleep(notice_s)
         notice = {
             "v": ENVELOPE_VERSION,
             "kind": "started",
@@ -256,7 +264,8 @@ class Worker:
             future = await self.js.publish_async(
                 self.names.result_subject(step["tenant"]), wire, headers=self._headers(msg)
             )
-            await asyncio.wait_for(future, PUBLISH_TIMEOUT_S)
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await future
         interval = max(self.settings.step_ack_wait_s / 3 - notice_s, 0.05)
         while True:
             await asyncio.sleep(interval)
@@ -288,7 +297,8 @@ class Worker:
         while True:
             try:
                 future = await js.publish_async(self.names.result_subject(tenant), wire, headers=headers)
-                await asyncio.wait_for(future, PUBLISH_TIMEOUT_S)
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    await future
                 return True
             except Exception as exc:
                 if time.monotonic() + delay > deadline:
