@@ -105,3 +105,38 @@ def test_control_plane_refuses_to_start_without_a_secret() -> None:
     result = subprocess.run([*AGENTFLOW, "control-plane"], env=_clean_env(), capture_output=True, timeout=60)
     assert result.returncode != 0
     assert b"AGENTFLOW_JWT_SECRET" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_up_uses_configured_servers_and_starts_no_embedded_ones(make_env: Callable[[], TestEnv]) -> None:
+    env = make_env()
+    home = Path(tempfile.mkdtemp(prefix="agentflow-up-ext-"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [*AGENTFLOW, "up", "--home", str(home), "--port", str(port), "--workers", "1"],
+        env=_clean_env(
+            AGENTFLOW_DATABASE_URL=env.database_url,
+            AGENTFLOW_NATS_URL=env.services.nats_url,
+            AGENTFLOW_NATS_PREFIX=env.prefix,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline().decode()
+            lines.append(line)
+            if "Press Ctrl-C" in line or (not line and proc.poll() is not None):
+                break
+        text = "".join(lines)
+        assert "AgentFlow is up" in text, text
+        assert "embedded" not in text
+        assert not (home / "pgdata").exists() and not (home / "nats").exists()
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz").json()["ready"] is True
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
