@@ -239,3 +239,23 @@ def test_outage_is_reported_by_readyz_and_recovered(make_env: Callable[[], TestE
         cluster.close()
         pg_proxy.close()
         nats_proxy.close()
+
+
+def test_step_that_kills_every_worker_fails_after_max_deliveries(make_env: Callable[[], TestEnv]) -> None:
+    env = make_env()
+    settings = {**FAST_REDELIVERY, "AGENTFLOW_STEP_ACK_WAIT_S": "1", "AGENTFLOW_STEP_MAX_DELIVER": "2"}
+    cluster = Cluster(env)
+    try:
+        _, url = cluster.control_plane(**settings)
+        api = Api(url, env, "stalled")
+        api.put_workflow(chain_workflow("stalls", 1, {"type": "sleep", "ms": 10_000}))
+        run_id = api.start("stalls", None)
+        for n in (1, 2):
+            victim = cluster.worker(name=f"victim-{n}", **settings)
+            _wait_for(lambda n=n: api.run(run_id)["steps"][0]["worker"] == f"victim-{n}", 15, f"victim-{n} idle")
+            victim.kill(signal.SIGKILL)
+        run = api.wait(run_id, timeout=20)
+        assert run["status"] == "failed", cluster.logs()
+        assert "no worker finished the step in 2 deliveries" in run["steps"][0]["error"]
+    finally:
+        cluster.close()

@@ -25,6 +25,7 @@ from agentflow_control_plane.db.session import make_engine, make_sessionmaker, w
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.results import ResultProcessor
 from agentflow_control_plane.engine.specs import SpecCache
+from agentflow_control_plane.engine.stalled import StalledStepWatch
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
 from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
@@ -51,6 +52,7 @@ async def start_engine(state: AppState) -> None:
     await state.results.start()
     state.timers = Timers(state.engine, state.dispatcher, state.names, settings.timer_interval_s)
     state.timers.start()
+    await StalledStepWatch(state.nc, js, state.names).start()
 
 
 async def stop_engine(state: AppState) -> None:
