@@ -1,7 +1,7 @@
 """Bulk writes of one engine transaction: steps, envelopes, outbox rows, run updates.
 
-Everything a decision produces is collected in a :class:`WriteSet` and flushed with a
-fixed number of set-based statements (``unnest`` of arrays), whatever the batch size, so
+Everything a decision produces is collected in a :class:`WriteSet` and flushed as ONE
+statement (data-modifying CTEs over ``unnest`` of arrays), whatever the batch size, so
 the per-step cost on the hot path is a few list appends rather than a round trip.
 """
 
