@@ -33,6 +33,10 @@ class StoredVersion:
     created: bool
 
 
+def _version_not_found(name: str, version: int | None) -> NotFound:
+    return NotFound(f"workflow '{name}'" + (f" version {version}" if version is not None else "") + " not found")
+
+
 class TenantRepository:
     def __init__(self, session: AsyncSession, tenant: str) -> None:
         self.session = session
@@ -100,8 +104,7 @@ class TenantRepository:
             query = query.where(WorkflowVersion.version == version)
         found = await self.session.scalar(query)
         if found is None:
-            what = f"workflow '{name}'" + (f" version {version}" if version is not None else "")
-            raise NotFound(f"{what} not found")
+            raise _version_not_found(name, version)
         return found
 
     async def resolve_version(self, name: str, version: int | None = None) -> int:
@@ -125,8 +128,7 @@ class TenantRepository:
                 version,
             )
         if found is None:
-            what = f"workflow '{name}'" + (f" version {version}" if version is not None else "")
-            raise NotFound(f"{what} not found")
+            raise _version_not_found(name, version)
         return int(found)
 
     async def list_workflow_versions(self, name: str) -> list[tuple[int, str]]:

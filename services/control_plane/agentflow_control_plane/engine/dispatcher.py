@@ -56,19 +56,21 @@ class Dispatcher:
         """Publish committed messages; on failure leave their rows for the relay."""
         return await self.confirm(messages, await self.send(messages))
 
+    async def _publish_async(self, messages: list[OutMsg]) -> list[asyncio.Future[Any]]:
+        """Write the messages to NATS (deduplicated by ``Nats-Msg-Id``); raises on failure."""
+        return [
+            await self._js.publish_async(
+                m.subject, m.body, headers={"Nats-Msg-Id": m.msg_id, "traceparent": m.traceparent}
+            )
+            for m in messages
+        ]
+
     async def send(self, messages: list[OutMsg]) -> list[asyncio.Future[Any]] | None:
         """Write the messages to NATS without waiting for the stream's acks."""
         if not messages:
             return []
         try:
-            return [
-                await self._js.publish_async(
-                    m.subject,
-                    m.body,
-                    headers={"Nats-Msg-Id": m.msg_id, "traceparent": m.traceparent},
-                )
-                for m in messages
-            ]
+            return await self._publish_async(messages)
         except Exception as exc:  # NATS down: the relay retries from the outbox
             log.warning("publishing %d step(s) failed (%s); the outbox relay will retry", len(messages), exc)
             return None
@@ -135,14 +137,8 @@ class Dispatcher:
                 )
                 for r in rows
             ]
-            futures = [
-                await self._js.publish_async(
-                    m.subject,
-                    m.body,
-                    headers={"Nats-Msg-Id": m.msg_id, "traceparent": m.traceparent},
-                )
-                for m in messages
-            ]
+            # Raises on failure: the transaction rolls back and the rows stay for next time.
+            futures = await self._publish_async(messages)
             await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
             await conn.execute(
                 text("DELETE FROM outbox WHERE id = ANY(CAST(:ids AS bigint[]))"),

@@ -279,19 +279,17 @@ class ResultProcessor:
                 body = item.body
                 if body is not None:
                     if body["tenant"] != step.tenant or body["run"] != str(step.run_id):
-                        body, item.reject_reason = (
-                            None,
-                            "result names another tenant or run than its step",
-                        )
+                        body = None
+                        item.reject_reason = "result names another tenant or run than its step"
                     elif body["kind"] == "started":
                         self._started(step, run, body)  # progress only: no envelope to keep
                         continue
                     elif body["attempt"] == step.attempt and step.step_hash and body["step_hash"] != step.step_hash:
-                        body = None
                         item.reject_reason = (
-                            f"result answers step envelope {item.body['step_hash'] if item.body else '?'}, "
+                            f"result answers step envelope {body['step_hash']}, "
                             f"but attempt {step.attempt} was dispatched as {step.step_hash}"
                         )
+                        body = None
                     item.body = body
                 if body is None:
                     metrics.RESULTS_REJECTED.labels("verification").inc()
