@@ -8,23 +8,26 @@ already-decoded mapping) and returns a validated :class:`WorkflowSpec`, or raise
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentflow_core.canonical import content_hash
 from agentflow_core.errors import CanonicalizationError, ValidationFailed
+from agentflow_core.planners.common import Checks
+from agentflow_core.planners.models import PLANNER_TYPES, PlannerSpec, normalize_planner
+from agentflow_core.planners.registry import build_planner
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 QUEUE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
-#: Agent types every worker ships, with the settings each accepts.
+#: Agent types every worker ships, with the settings each accepts (``object``: any JSON).
 BUILTIN_AGENT_TYPES: dict[str, dict[str, type]] = {
     "echo": {},
     "sleep": {"ms": int},
     "fail": {"times": int},
+    "constant": {"output": object},
 }
 
 
@@ -59,25 +62,21 @@ class AgentSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class FsmState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    agent: str
-    on_success: str
-    on_error: str | None = None
+#: retries of internal steps (the LLM planner's planning call): transient model errors
+INLINE_RETRY = RetryPolicy(max_attempts=3, backoff_ms=1000)
 
 
-class FsmPlannerSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["fsm"]
-    initial_state: str
-    states: dict[str, FsmState] = Field(min_length=1)
-    final_states: list[str] = Field(min_length=1)
-    max_steps: int = Field(1000, ge=1, le=1_000_000)
-
-
-PlannerSpec = Annotated[FsmPlannerSpec, Field(discriminator="type")]
+def inline_agent(definition: dict[str, Any]) -> AgentSpec:
+    """The AgentSpec of an internal agent a planner defines inline (``StepRequest.inline_agent``)."""
+    return AgentSpec.model_validate(
+        {
+            "type": definition["type"],
+            "queue": definition.get("queue", "default"),
+            "timeout_s": definition.get("timeout_s"),
+            "retry": INLINE_RETRY,
+            **definition.get("config", {}),
+        }
+    )
 
 
 class WorkflowSpec(BaseModel):
@@ -93,15 +92,18 @@ class WorkflowSpec(BaseModel):
         return content_hash(self.model_dump(mode="json"))
 
 
-PLANNER_TYPES = ("fsm",)
-
-
 def _loc(parts: tuple[int | str, ...] | list[int | str]) -> str:
     # A discriminated union puts its tag in the path ("planner.fsm.states"); users wrote
     # "planner.states", so drop it.
-    if len(parts) > 1 and parts[0] == "planner" and parts[1] in PLANNER_TYPES:
-        parts = (parts[0], *parts[2:])
-    return ".".join(str(p) for p in parts)
+    # Fallback plans nest the same way ("planner.fallback.dag.steps").
+    kept: list[int | str] = []
+    for part in parts:
+        if isinstance(part, str) and part.startswith(("tagged-union[", "literal[")):
+            continue  # pydantic's names for union members
+        if kept and kept[-1] in ("planner", "fallback") and part in PLANNER_TYPES:
+            continue
+        kept.append(part)
+    return ".".join(str(p) for p in kept)
 
 
 def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
@@ -127,49 +129,16 @@ def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
                         "msg": f"unknown setting for a '{agent.type}' agent",
                     }
                 )
+            elif expected is object:
+                continue
             elif not isinstance(value, expected) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
                 errors.append({"loc": f"agents.{name}.{key}", "msg": "must be a non-negative integer"})
 
-    fsm = spec.planner
-    finals = set(fsm.final_states)
-    for dup in finals & set(fsm.states):
-        errors.append({"loc": "planner.final_states", "msg": f"'{dup}' is both a state and a final state"})
-    if fsm.initial_state not in fsm.states:
-        errors.append({"loc": "planner.initial_state", "msg": f"unknown state '{fsm.initial_state}'"})
-    targets = set(fsm.states) | finals
-    for name, state in fsm.states.items():
-        if state.agent not in spec.agents:
-            errors.append({"loc": f"planner.states.{name}.agent", "msg": f"unknown agent '{state.agent}'"})
-        for field in ("on_success", "on_error"):
-            target = getattr(state, field)
-            if target is not None and target not in targets:
-                errors.append({"loc": f"planner.states.{name}.{field}", "msg": f"unknown state '{target}'"})
     if errors:
         return errors
-
-    # Reachability: every state and every final state must be reachable from the start.
-    seen = {fsm.initial_state}
-    queue = deque([fsm.initial_state])
-    while queue:
-        node = fsm.states.get(queue.popleft())
-        if node is None:
-            continue
-        for target in (node.on_success, node.on_error):
-            if target is not None and target not in seen:
-                seen.add(target)
-                queue.append(target)
-    for name in fsm.states:
-        if name not in seen:
-            errors.append(
-                {
-                    "loc": f"planner.states.{name}",
-                    "msg": "state is unreachable from the initial state",
-                }
-            )
-    for name in fsm.final_states:
-        if name not in seen:
-            errors.append({"loc": "planner.final_states", "msg": f"final state '{name}' is unreachable"})
-    return errors
+    checks = Checks()
+    build_planner(spec.planner, spec.agents, checks, "planner")
+    return checks.errors
 
 
 def load_document(text: str | bytes) -> Any:
@@ -202,10 +171,22 @@ def parse_workflow(source: str | bytes | dict[str, Any], *, name: str | None = N
                 "workflow name does not match the URL",
                 details=[{"loc": "name", "msg": f"'{body_name}' differs from '{name}' in the URL"}],
             )
+    if "planner" in data:
+        try:
+            data = {**data, "planner": normalize_planner(data["planner"])}
+        except ValueError as exc:
+            raise ValidationFailed(
+                "invalid workflow spec", details=[{"loc": "planner.definition", "msg": str(exc)}]
+            ) from exc
     try:
         spec = WorkflowSpec.model_validate(data)
     except ValidationError as exc:
-        details = [{"loc": _loc(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+        errs = exc.errors(include_url=False)
+        # "fallback: <plan> | 'fail'": when the plan branch has errors, the "should be
+        # 'fail'" alternative is noise.
+        if len(errs) > 1:
+            errs = [e for e in errs if not any(str(p).startswith("literal[") for p in e["loc"])] or errs
+        details = [{"loc": _loc(e["loc"]), "msg": e["msg"]} for e in errs]
         raise ValidationFailed("invalid workflow spec", details=details) from exc
     errors = _semantic_errors(spec)
     if errors:

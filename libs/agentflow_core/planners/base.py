@@ -1,4 +1,10 @@
-"""The planner interface shared by every planner type."""
+"""The planner interface shared by every planner type.
+
+A planner is a pure function over JSON state: ``start``, ``on_result`` and ``on_timer``
+take the state and an event and return a :class:`Decision`. Planners perform no I/O and
+never read the clock: the engine passes ``now_ms`` in, so feeding the same events back
+reproduces the same decisions.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,19 @@ StepStatus = Literal["succeeded", "failed", "timeout", "rejected", "cancelled"]
 
 @dataclass(frozen=True, slots=True)
 class StepRequest:
-    """A step the planner wants dispatched. ``seq`` is unique within the run."""
+    """A step the planner wants dispatched. ``seq`` is unique within the run.
+
+    ``state`` names the plan element the step belongs to (FSM state, tree node, DAG
+    step); ``agent`` is a declared agent, or an internal one (``__planner__``).
+    """
 
     seq: int
     state: str
     agent: str
     payload: dict[str, Any]
+    #: an agent definition for an agent the workflow does not declare (the LLM
+    #: planner's ``__planner__`` step): ``{"type", "queue", "timeout_s", "config"}``
+    inline_agent: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,26 +53,32 @@ class RunOutcome:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """New planner state, steps to dispatch, and the run's outcome once it ends."""
+    """New planner state, steps to dispatch, steps to halt, and the outcome once it ends."""
 
     state: dict[str, Any]
     dispatch: list[StepRequest] = field(default_factory=list)
     outcome: RunOutcome | None = None
-    #: True when the result did not belong to the current plan (late, stale) and the
-    #: state is unchanged.
+    #: True when the event did not belong to the current plan (a late result of a halted
+    #: step, a stale timer) and the state is unchanged.
     ignored: bool = False
+    #: seqs of in-flight steps to halt: the engine marks them cancelled and tells the
+    #: workers to stop them; their late results are recorded but never reach the planner.
+    cancel: list[int] = field(default_factory=list)
+    #: when to call ``on_timer`` next (epoch ms), or None for no timer. Every decision
+    #: states the timer it wants; it replaces the previous one.
+    wake_at_ms: int | None = None
 
 
 class Planner(Protocol):
-    def start(self, run_input: Any) -> Decision: ...
+    def start(self, run_input: Any, now_ms: int) -> Decision: ...
 
-    def on_result(self, state: dict[str, Any], result: StepResult, run_input: Any) -> Decision: ...
+    def on_result(self, state: dict[str, Any], result: StepResult, run_input: Any, now_ms: int) -> Decision: ...
+
+    def on_timer(self, state: dict[str, Any], run_input: Any, now_ms: int) -> Decision: ...
 
 
 def planner_for(spec: WorkflowSpec) -> Planner:
-    """The planner implementation for a validated workflow spec."""
-    from agentflow_core.planners.fsm import FsmPlanner
+    """The compiled planner for a workflow spec; raises ValidationFailed when it is invalid."""
+    from agentflow_core.planners.registry import compile_planner
 
-    if spec.planner.type == "fsm":
-        return FsmPlanner(spec)
-    raise NotImplementedError(f"planner type {spec.planner.type!r}")  # pragma: no cover
+    return compile_planner(spec)

@@ -50,7 +50,9 @@ async def start_engine(state: AppState) -> None:
     state.dispatcher.start()
     state.results = ResultProcessor(state.nc, state.engine, state.dispatcher, state.specs, settings)
     await state.results.start()
-    state.timers = Timers(state.engine, state.dispatcher, state.names, settings.timer_interval_s)
+    state.timers = Timers(
+        state.engine, state.dispatcher, state.names, settings.timer_interval_s, nc=state.nc, specs=state.specs
+    )
     state.timers.start()
     await StalledStepWatch(state.nc, js, state.names).start()
 

@@ -48,8 +48,12 @@ class Worker:
         # subscription for async publishes, so creating one per message would leak them.
         self.js: JetStreamContext | None = None
         self._consumer: PullConsumer | None = None
-        self._tasks: dict[asyncio.Task[None], str] = {}
+        # task -> (run id, step id) of the step it executes ("" until known)
+        self._tasks: dict[asyncio.Task[None], tuple[str, str]] = {}
+        # Recently cancelled runs and halted steps: a message for one of them that
+        # arrives after the notice is terminated unanswered.
         self._cancelled_runs: OrderedDict[str, None] = OrderedDict()
+        self._cancelled_steps: OrderedDict[str, None] = OrderedDict()
         self._stopping = False
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -98,19 +102,29 @@ class Worker:
 
     def _on_message(self, msg: Msg) -> None:
         task = asyncio.create_task(self._handle(msg))
-        self._tasks[task] = ""
+        self._tasks[task] = ("", "")
         task.add_done_callback(self._tasks.pop)
 
     async def _on_cancel(self, msg: Msg) -> None:
+        """``{"run": id}`` stops a whole run; ``{"run": id, "steps": [ids]}`` halts steps."""
         try:
-            run = str(orjson.loads(msg.data)["run"])
+            notice = orjson.loads(msg.data)
+            run = str(notice["run"])
+            steps = [str(s) for s in notice.get("steps") or ()]
         except Exception:
             return
-        self._cancelled_runs[run] = None
-        while len(self._cancelled_runs) > 10_000:
-            self._cancelled_runs.popitem(last=False)
-        for task, task_run in list(self._tasks.items()):
-            if task_run == run:
+        if steps:
+            for step in steps:
+                self._cancelled_steps[step] = None
+            while len(self._cancelled_steps) > 50_000:
+                self._cancelled_steps.popitem(last=False)
+        else:
+            self._cancelled_runs[run] = None
+            while len(self._cancelled_runs) > 10_000:
+                self._cancelled_runs.popitem(last=False)
+        halted = set(steps)
+        for task, (task_run, task_step) in list(self._tasks.items()):
+            if task_run == run and (not halted or task_step in halted):
                 task.cancel()
 
     async def _handle(self, msg: Msg) -> None:
@@ -123,12 +137,12 @@ class Worker:
             except EnvelopeRejected as exc:
                 await self._reject(msg, exc.message)
                 return
-            if step["run"] in self._cancelled_runs:
+            if step["run"] in self._cancelled_runs or step["step"] in self._cancelled_steps:
                 await msg.term()
                 return
             current = asyncio.current_task()
             if current is not None:
-                self._tasks[current] = step["run"]
+                self._tasks[current] = (step["run"], step["step"])
             try:
                 await self._execute(msg, step, digest)
             except asyncio.CancelledError:

@@ -72,6 +72,7 @@ class Run(Base):
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
         Index("ix_runs_tenant_created", "tenant_id", "created_at"),
+        Index("ix_runs_wake_at", "wake_at", postgresql_where=text("wake_at IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -88,6 +89,8 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: when the planner wants its next timer tick (BT timeouts/retries, re-runs)
+    wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Step(Base):

@@ -27,18 +27,18 @@ from agentflow_bus.pull import PullConsumer
 from agentflow_bus.subjects import Names
 from agentflow_control_plane import metrics
 from agentflow_control_plane.db.session import pg_transaction
+from agentflow_control_plane.engine.decisions import apply_decision, now_ms, publish_cancels
 from agentflow_control_plane.engine.dispatcher import Dispatcher
+from agentflow_control_plane.engine.rows import ACTIVE, FINAL_RUN, RunRow, StepRow
 from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
-from agentflow_control_plane.engine.writes import WriteSet, dumps_or_none
+from agentflow_control_plane.engine.writes import WriteSet
 from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.envelope import check_result, open_envelope
 from agentflow_core.errors import EnvelopeRejected
 from agentflow_core.planners import StepResult
+from agentflow_core.spec import INLINE_RETRY
 
 log = logging.getLogger("agentflow.results")
-
-ACTIVE = ("queued", "running")
-FINAL_RUN = ("succeeded", "failed", "cancelled")
 
 
 def _ts(us: int) -> datetime:
@@ -53,85 +53,6 @@ class Incoming:
     digest: str
     step_id: uuid.UUID | None
     reject_reason: str | None = None
-
-
-class StepRow:
-    __slots__ = (
-        "agent",
-        "attempt",
-        "attempts",
-        "dirty",
-        "error",
-        "finished_at",
-        "has_result",
-        "id",
-        "max_attempts",
-        "next_attempt_at",
-        "output",
-        "pickups_before",
-        "queued_at",
-        "result_hash",
-        "run_id",
-        "seq",
-        "started_at",
-        "state",
-        "status",
-        "step_hash",
-        "tenant",
-        "worker",
-    )  # fmt: skip
-
-    def __init__(self, row: Any) -> None:
-        (self.id, self.run_id, self.tenant, self.seq, self.state, self.agent, self.status, self.attempt,
-         self.max_attempts, self.attempts, self.pickups_before, self.step_hash, self.queued_at,
-         self.started_at, self.worker) = row[:15]  # fmt: skip
-        self.finished_at: datetime | None = None
-        self.next_attempt_at: datetime | None = None
-        self.output: Any = None
-        self.error: str | None = None
-        self.result_hash: str | None = None
-        self.has_result: bool = row[21]
-        self.dirty = False
-
-    def update_tuple(self) -> tuple[Any, ...]:
-        return (
-            self.id, self.status, self.attempt, self.attempts, self.pickups_before, self.worker,
-            self.started_at, self.finished_at, self.next_attempt_at, dumps_or_none(self.output), self.error,
-            self.step_hash, self.result_hash, self.queued_at,
-        )  # fmt: skip
-
-
-class RunRow:
-    __slots__ = (
-        "dirty",
-        "error",
-        "finished_at",
-        "id",
-        "input",
-        "key",
-        "output",
-        "started_at",
-        "state",
-        "status",
-    )
-
-    def __init__(self, row: Any) -> None:
-        self.id: uuid.UUID = row[1]
-        self.status: str = row[15]
-        self.state: dict[str, Any] = row[16]
-        self.input: Any = row[17]
-        self.key = (row[2], row[18], row[19])
-        self.started_at: datetime | None = row[20]
-        self.output: Any = None
-        self.error: str | None = None
-        self.finished_at: datetime | None = None
-        self.dirty = False
-
-    def update_tuple(self) -> tuple[Any, ...]:
-        return (
-            self.status, orjson.dumps(self.state).decode(), dumps_or_none(self.output), self.error,
-            self.started_at, self.finished_at,
-        )  # fmt: skip
 
 
 LOAD_SQL = (
@@ -263,6 +184,9 @@ class ResultProcessor:
                 if r[1] not in runs:
                     runs[r[1]] = RunRow(r)
             compiled = await self._specs.get_many(conn, {run.key for run in runs.values()})
+            loaded: dict[uuid.UUID, list[StepRow]] = {}
+            for row in steps.values():
+                loaded.setdefault(row.run_id, []).append(row)
 
             # Holding the run locks, a result already recorded for a step's current
             # attempt is visible (has_result): every writer of result envelopes takes
@@ -302,7 +226,7 @@ class ResultProcessor:
                     if attempt == step.attempt and step.status in ACTIVE and run.status not in FINAL_RUN:
                         self._finish_attempt(
                             step, run, compiled.get(run.key), writes, now,
-                            StepResult(step.seq, "rejected", None, f"result rejected: {item.reject_reason}"),
+                            StepResult(step.seq, "rejected", None, f"result rejected: {item.reject_reason}"), loaded,
                         )  # fmt: skip
                     continue
                 key = (step.id, body["attempt"])
@@ -329,7 +253,7 @@ class ResultProcessor:
                 step.result_hash = item.digest
                 latencies.append((now - step.queued_at).total_seconds())
                 result = StepResult(step.seq, body["status"], body.get("output"), body.get("error"))
-                self._finish_attempt(step, run, compiled.get(run.key), writes, now, result)
+                self._finish_attempt(step, run, compiled.get(run.key), writes, now, result, loaded)
 
             for step in steps.values():
                 if step.dirty:
@@ -343,6 +267,8 @@ class ResultProcessor:
         # Next steps go out first; acks are fire-and-forget writes; then wait for the
         # stream to confirm the steps.
         sent = await self._dispatcher.send(outgoing)
+        if writes.cancel_notices:
+            await publish_cancels(self._nc, self._names, writes.cancel_notices)
         for item in incoming:
             # Verified messages are acked; refused ones are terminated so they never return.
             await (item.msg.ack() if item.body is not None else item.msg.term())
@@ -375,6 +301,7 @@ class ResultProcessor:
         writes: WriteSet,
         now: datetime,
         result: StepResult,
+        loaded: dict[uuid.UUID, list[StepRow]],
     ) -> None:
         step.dirty = True
         if result.status == "succeeded":
@@ -387,7 +314,8 @@ class ResultProcessor:
             step.error = result.error or result.status
             step.output = result.output
             if workflow is not None and step.attempt < step.max_attempts:
-                policy = workflow.spec.agents[step.agent].retry
+                agent = workflow.spec.agents.get(step.agent)
+                policy = agent.retry if agent is not None else INLINE_RETRY
                 delay_ms = policy.delay_ms(step.attempt)
                 step.status = "queued"
                 step.attempt += 1
@@ -401,16 +329,5 @@ class ResultProcessor:
             step.status = "failed"
         if workflow is None:
             return
-        decision = workflow.planner.on_result(run.state, result, run.input)
-        if decision.ignored:
-            return
-        run.state = decision.state
-        run.dirty = True
-        for request in decision.dispatch:
-            writes.new_step(workflow.spec, step.tenant, run.id, request)
-        if decision.outcome is not None:
-            run.status = decision.outcome.status
-            run.output = decision.outcome.output
-            run.error = decision.outcome.error
-            run.finished_at = now
-            metrics.RUNS_FINISHED.labels(run.status).inc()
+        decision = workflow.planner.on_result(run.state, result, run.input, now_ms(now))
+        apply_decision(decision, run=run, spec=workflow.spec, tenant=step.tenant, writes=writes, now=now, loaded=loaded)

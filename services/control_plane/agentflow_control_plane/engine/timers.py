@@ -1,8 +1,13 @@
-"""Timers: dispatching retries whose backoff has elapsed.
+"""Timers: dispatching retries whose backoff has elapsed, and planner timer ticks.
 
 A failed attempt leaves its step ``queued`` with ``next_attempt_at`` set and no step
 hash. When the time comes, the step envelope of the previous attempt is re-sealed with
 the next attempt number (same payload) and goes through the outbox like any dispatch.
+
+A run whose planner asked for a timer (``runs.wake_at``: a behavior-tree timeout or
+retry, a conservative re-run) gets ``on_timer`` when the time comes; its decision is
+applied like any other.
+
 Rows are claimed with ``FOR UPDATE SKIP LOCKED``, so any number of control planes can
 run this loop.
 """
@@ -15,11 +20,15 @@ import logging
 from datetime import UTC, datetime
 
 import orjson
+from nats.aio.client import Client
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.db.session import pg_transaction
+from agentflow_control_plane.engine.decisions import apply_decision, now_ms, publish_cancels
 from agentflow_control_plane.engine.dispatcher import Dispatcher
+from agentflow_control_plane.engine.rows import RunRow
+from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import WriteSet
 
 log = logging.getLogger("agentflow.timers")
@@ -32,8 +41,26 @@ DUE_SQL = (
 )
 
 
+WAKE_SQL = (
+    "SELECT id, tenant_id, workflow_name, workflow_version, status, planner_state, input, started_at FROM runs "
+    "WHERE wake_at <= now() AND status IN ('pending', 'running') "
+    "ORDER BY wake_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+)
+
+
 class Timers:
-    def __init__(self, engine: AsyncEngine, dispatcher: Dispatcher, names: Names, interval_s: float) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        dispatcher: Dispatcher,
+        names: Names,
+        interval_s: float,
+        *,
+        nc: Client | None = None,
+        specs: SpecCache | None = None,
+    ) -> None:
+        self._nc = nc
+        self._specs = specs or SpecCache()
         self._engine = engine
         self._dispatcher = dispatcher
         self._names = names
@@ -74,10 +101,37 @@ class Timers:
         await self._dispatcher.publish(writes.outbox)
         return len(rows)
 
+    async def tick_due_runs(self, limit: int = 200) -> int:
+        """Call ``on_timer`` for runs whose planner timer is due."""
+        now = datetime.now(UTC)
+        writes = WriteSet(self._names, now)
+        async with pg_transaction(self._engine) as conn:
+            rows = await conn.fetch(WAKE_SQL, limit)
+            if not rows:
+                return 0
+            runs = [RunRow.of(r[0], r[4], r[5], r[6], (r[1], r[2], r[3]), r[7]) for r in rows]
+            compiled = await self._specs.get_many(conn, {run.key for run in runs})
+            for run in runs:
+                workflow = compiled[run.key]
+                decision = workflow.planner.on_timer(run.state, run.input, now_ms(now))
+                if decision.ignored:
+                    run.wake_at = None  # a stale timer: clear it so it does not fire again
+                    run.dirty = True
+                else:
+                    apply_decision(
+                        decision, run=run, spec=workflow.spec, tenant=run.key[0], writes=writes, now=now, loaded={}
+                    )
+                writes.run_updates[run.id] = run.update_tuple()
+            await writes.flush(conn)
+        await self._dispatcher.publish(writes.outbox)
+        if writes.cancel_notices and self._nc is not None:
+            await publish_cancels(self._nc, self._names, writes.cancel_notices)
+        return len(rows)
+
     async def _loop(self) -> None:
         while True:
             try:
-                count = await self.dispatch_due_retries()
+                count = await self.dispatch_due_retries() + await self.tick_due_runs()
                 if count:
                     continue
             except Exception as exc:

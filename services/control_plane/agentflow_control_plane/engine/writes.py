@@ -19,7 +19,7 @@ import orjson
 from agentflow_bus.subjects import Names
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
-from agentflow_core.spec import WorkflowSpec
+from agentflow_core.spec import WorkflowSpec, inline_agent
 
 
 def step_id_for(run_id: uuid.UUID, seq: int) -> uuid.UUID:
@@ -53,8 +53,14 @@ class WriteSet:
     # (id, status, attempt, attempts, pickups_before, worker, started_at, finished_at,
     #  next_attempt_at, output_json, error, step_hash, result_hash, queued_at)
     step_updates: list[tuple[Any, ...]] = field(default_factory=list)
-    # run id -> (status, planner_state_json, output_json, error, started_at, finished_at)
+    # run id -> (status, planner_state_json, output_json, error, started_at, finished_at, wake_at)
     run_updates: dict[uuid.UUID, tuple[Any, ...]] = field(default_factory=dict)
+    #: steps halted by a decision and not loaded in memory: cancelled if still active
+    cancel_steps: list[uuid.UUID] = field(default_factory=list)
+    #: runs that ended: their remaining active steps are cancelled
+    finished_runs: list[uuid.UUID] = field(default_factory=list)
+    #: messages for workers, published on the cancel subject after commit
+    cancel_notices: list[dict[str, Any]] = field(default_factory=list)
 
     def add_envelope(
         self,
@@ -94,7 +100,7 @@ class WriteSet:
         return digest
 
     def new_step(self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest) -> None:
-        agent = spec.agents[req.agent]
+        agent = spec.agents[req.agent] if req.inline_agent is None else inline_agent(req.inline_agent)
         step_id = step_id_for(run_id, req.seq)
         body = {
             "v": ENVELOPE_VERSION,
@@ -152,8 +158,8 @@ class WriteSet:
         ctes: list[str] = []
         if self.new_run is not None:
             ctes.append(
-                "new_run AS (INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input,"
-                " output, error, planner_state, idempotency_key, request_hash, created_at, finished_at) VALUES ("
+                "new_run AS (INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input, output,"
+                " error, planner_state, idempotency_key, request_hash, created_at, finished_at, wake_at) VALUES ("
                 + ", ".join(arg(v, c) for v, c in zip(self.new_run, RUN_CASTS, strict=True))
                 + ") ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
                 " RETURNING id)"
@@ -213,7 +219,7 @@ class WriteSet:
             ctes.append(
                 "run_updates AS (UPDATE runs AS r SET status = u.status, planner_state = u.state::jsonb,"
                 " output = u.output::jsonb, error = u.error, started_at = u.started_at,"
-                " finished_at = u.finished_at FROM unnest("
+                " finished_at = u.finished_at, wake_at = u.wake_at FROM unnest("
                 + columns(
                     rows,
                     (
@@ -224,9 +230,25 @@ class WriteSet:
                         "text[]",
                         "timestamptz[]",
                         "timestamptz[]",
+                        "timestamptz[]",
                     ),
                 )
-                + ") AS u(id, status, state, output, error, started_at, finished_at) WHERE r.id = u.id)"
+                + ") AS u(id, status, state, output, error, started_at, finished_at, wake_at) WHERE r.id = u.id)"
+            )
+        if self.cancel_steps or self.finished_runs:
+            # Rows this statement also updates (step_updates) are excluded: a row may be
+            # changed only once per statement; those were halted in memory.
+            updated = [u[0] for u in self.step_updates]
+            ctes.append(
+                "halted AS (UPDATE steps SET status = 'cancelled', finished_at = "
+                + arg(self.now, "timestamptz")
+                + ", next_attempt_at = NULL WHERE status IN ('queued', 'running') AND (id = ANY("
+                + arg(self.cancel_steps, "uuid[]")
+                + ") OR run_id = ANY("
+                + arg(self.finished_runs, "uuid[]")
+                + ")) AND id <> ALL("
+                + arg(updated, "uuid[]")
+                + "))"
             )
         if self.envelopes:
             ctes.append(
@@ -262,7 +284,7 @@ class WriteSet:
 
 ENVELOPE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "text[]", "text[]", "bytea[]")
 RUN_CASTS = ("uuid", "text", "text", "int", "text", "jsonb", "jsonb", "text", "jsonb", "text", "text",
-             "timestamptz", "timestamptz")  # fmt: skip
+             "timestamptz", "timestamptz", "timestamptz")  # fmt: skip
 
 
 def dumps_or_none(value: Any) -> str | None:

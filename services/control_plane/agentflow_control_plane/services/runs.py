@@ -13,6 +13,7 @@ import orjson
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.db.models import Run
 from agentflow_control_plane.db.repository import TenantRepository
+from agentflow_control_plane.engine.decisions import from_ms, now_ms
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
 from agentflow_core.canonical import content_hash
@@ -58,8 +59,8 @@ async def create_run(
     conn = await repo.driver()
     compiled = (await specs.get_many(conn, {key}))[key]
     run_id = uuid.UUID(bytes=os.urandom(16), version=4)
-    decision = compiled.planner.start(run_input)
     now = datetime.now(UTC)
+    decision = compiled.planner.start(run_input, now_ms(now))
     outcome = decision.outcome
     status = outcome.status if outcome else "pending"
     writes = WriteSet(names, now)
@@ -77,6 +78,7 @@ async def create_run(
         request_hash,
         now,
         now if outcome else None,
+        None if outcome else from_ms(decision.wake_at_ms),
     )
     for request in decision.dispatch:
         writes.new_step(compiled.spec, repo.tenant, run_id, request)

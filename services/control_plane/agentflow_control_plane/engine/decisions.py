@@ -1,0 +1,103 @@
+"""Applying a planner's decision to the rows of one engine transaction.
+
+Shared by run creation, the result path and the planner timer loop, so a decision means
+the same thing whatever event produced it: new steps go to the outbox, halted steps are
+cancelled (and their workers told), the run's timer is replaced, and a finished run
+stops everything it still has in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+
+from agentflow_bus.subjects import Names
+from agentflow_control_plane import metrics
+from agentflow_control_plane.engine.rows import ACTIVE, RunRow, StepRow
+from agentflow_control_plane.engine.writes import WriteSet, step_id_for
+from agentflow_core.planners import Decision
+from agentflow_core.spec import WorkflowSpec
+
+log = logging.getLogger("agentflow.decisions")
+
+
+def now_ms(now: datetime) -> int:
+    return int(now.timestamp() * 1000)
+
+
+def from_ms(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _halt(row: StepRow, now: datetime) -> None:
+    row.status = "cancelled"
+    row.finished_at = now
+    row.next_attempt_at = None
+    row.dirty = True
+
+
+def apply_decision(
+    decision: Decision,
+    *,
+    run: RunRow,
+    spec: WorkflowSpec,
+    tenant: str,
+    writes: WriteSet,
+    now: datetime,
+    loaded: Mapping[uuid.UUID, Sequence[StepRow]],
+) -> None:
+    """Record ``decision`` for ``run``. ``loaded`` holds the run's step rows already in
+    memory (by run id): those are changed in place, the others by the write set."""
+    if decision.ignored:
+        return
+    run.state = decision.state
+    run.dirty = True
+    run.wake_at = from_ms(decision.wake_at_ms)
+    halted = set(decision.cancel)
+    for request in decision.dispatch:
+        if request.seq not in halted:  # dispatched and halted within one decision: never sent
+            writes.new_step(spec, tenant, run.id, request)
+    in_memory = {row.seq: row for row in loaded.get(run.id, ())}
+    cancelled: list[str] = []
+    for seq in sorted(halted):
+        row = in_memory.get(seq)
+        if row is not None:
+            if row.status in ACTIVE:
+                _halt(row, now)
+        else:
+            writes.cancel_steps.append(step_id_for(run.id, seq))
+        cancelled.append(str(step_id_for(run.id, seq)))
+    outcome = decision.outcome
+    if outcome is not None:
+        run.status = outcome.status
+        run.output = outcome.output
+        run.error = outcome.error
+        run.finished_at = now
+        run.wake_at = None
+        for row in in_memory.values():
+            if row.status in ACTIVE:
+                _halt(row, now)
+                cancelled.append(str(row.id))
+        # Steps still active that the planner did not name (none, for a correct
+        # planner) are cancelled in the database too.
+        writes.finished_runs.append(run.id)
+    if cancelled:
+        writes.cancel_notices.append({"run": str(run.id), "steps": sorted(set(cancelled))})
+    if outcome is None:
+        return
+    metrics.RUNS_FINISHED.labels(run.status).inc()
+
+
+async def publish_cancels(nc: Client, names: Names, notices: list[dict[str, Any]]) -> None:
+    """Tell workers to stop halted steps (best effort: a late result is ignored anyway)."""
+    for notice in notices:
+        try:
+            await nc.publish(names.cancel_subject, orjson.dumps(notice))
+        except Exception as exc:  # NATS down: the steps' results will be recorded and ignored
+            log.warning("could not publish a cancel notice (%s)", exc)
