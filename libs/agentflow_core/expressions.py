@@ -15,6 +15,9 @@ Name resolution (highest precedence first), for a root name ``x`` in a CEL expre
 3. an agent name: the most recent output of that agent;
 4. a top-level field of ``last`` when ``last`` is a mapping (``risk_score < 0.7``).
 
+Numbers from run data are CEL doubles (JSON has one number type): write ``x * 2.0`` and
+``x + 1.0``; comparisons with int literals (``x > 1``) work either way.
+
 A string starting with ``$`` (``$.input.user.id``, ``$.outputs.fetch.items[0]``) is a
 JSONPath over the document ``{"input", "outputs", "last", <extras>}``; one match gives the
 value, several give a list, none is an evaluation error.
@@ -95,6 +98,24 @@ class Scope:
         return {"input": self.input, "outputs": dict(self.outputs), "last": self.last, **self.extras}
 
 
+def _as_cel(value: Any) -> Any:
+    """JSON numbers become CEL doubles, as CEL treats JSON (``google.protobuf.Value``).
+
+    JSON does not keep ints and doubles apart (``5.0`` is sent as ``5``), and CEL refuses
+    mixed arithmetic (``5 * 0.9``), so typing numbers by how they happen to print would
+    make an expression fail on some data and not on other.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, str | float):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _as_cel(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_cel(v) for v in value]
+    return value
+
+
 def _json_safe(value: Any) -> bool:
     if value is None or isinstance(value, str | bool | int | float):
         return True
@@ -155,7 +176,7 @@ class Expression:
         for name in self.variables:
             found, value = scope.resolve(name)
             if found:
-                context[name] = value
+                context[name] = _as_cel(value)
         try:
             value = program.execute(context)
         except KeyError as exc:

@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from agentflow_core.expressions import RESERVED, CompiledMapping, EvaluationError, Expression
+from agentflow_core.expressions import RESERVED, CompiledMapping, EvaluationError, Expression, Scope
 from agentflow_core.planners.base import Decision, RunOutcome, StepRequest, StepResult
 from agentflow_core.planners.common import Checks, PlannerImpl, runaway, scope_of, with_output
 from agentflow_core.planners.models import BT_CONTROLS, BT_DECORATORS, BtNode, BtPlannerSpec
@@ -141,6 +141,7 @@ class _Tick:
         "resume",
         "resume_writes",
         "run_input",
+        "scope_cache",
         "seq",
         "timers",
         "vars",
@@ -162,6 +163,15 @@ class _Tick:
         self.cancel: list[int] = []
         #: why the most recent FAILURE happened (names the node)
         self.error: str | None = None
+        self.scope_cache: tuple[dict[str, Any], Scope] | None = None
+
+    def scope(self) -> Scope:
+        # Reactive nodes evaluate many conditions per tick over the same variables.
+        cached = self.scope_cache
+        if cached is None or cached[0] is not self.vars:
+            cached = (self.vars, scope_of(self.vars, self.run_input))
+            self.scope_cache = cached
+        return cached[1]
 
 
 def _wake(timers: Mapping[str, int]) -> int | None:
@@ -262,7 +272,7 @@ class BtPlanner(PlannerImpl):
                 node.children = (self._compile(spec.child, f"{loc}.child", f"{path}/0", inner),)
             node.limit = spec.max_attempts or spec.times or 1
             node.seconds = spec.seconds or 0.0
-            node.ms = round(node.seconds * 1000)
+            node.ms = max(1, round(node.seconds * 1000))
             node.is_async = kind == "retry"
         else:
             children = spec.children or []
@@ -497,7 +507,7 @@ class BtPlanner(PlannerImpl):
         if self._output is None:
             return ctx.vars["outputs"], None
         try:
-            return self._output.evaluate(scope_of(ctx.vars, ctx.run_input)), None
+            return self._output.evaluate(ctx.scope()), None
         except EvaluationError as exc:
             return None, f"run output: {exc}"
 
@@ -548,7 +558,7 @@ class BtPlanner(PlannerImpl):
         step_input = ctx.run_input
         if node.input is not None:
             try:
-                step_input = node.input.evaluate(scope_of(ctx.vars, ctx.run_input))
+                step_input = node.input.evaluate(ctx.scope())
             except EvaluationError as exc:
                 ctx.error = f"action '{node.label}': input mapping failed: {exc}"
                 return FAILURE
@@ -585,7 +595,7 @@ class BtPlanner(PlannerImpl):
         if check is None:
             return FAILURE
         try:
-            if check.test(scope_of(ctx.vars, ctx.run_input)):
+            if check.test(ctx.scope()):
                 return SUCCESS
         except EvaluationError as exc:
             ctx.error = f"condition '{node.label}': {exc}"
@@ -606,7 +616,7 @@ class BtPlanner(PlannerImpl):
         node = self._nodes[i]
         children = node.children
         fns = self._fns
-        pos = ctx.active.get(node.key, 0)
+        pos: int = ctx.active.get(node.key, 0)
         while pos < len(children):
             child = children[pos]
             status = fns[child](ctx, child)
@@ -722,7 +732,7 @@ class BtPlanner(PlannerImpl):
         node = self._nodes[i]
         chosen = ctx.active.get(node.key)
         if chosen is None:
-            scope = scope_of(ctx.vars, ctx.run_input)
+            scope = ctx.scope()
             for b, (expr, _child) in enumerate(node.branches):
                 if expr is None:
                     chosen = b

@@ -78,7 +78,8 @@ _OPEN = frozenset({"pending", "ready", "running", "waiting"})
 _BUILTIN_NAMES = frozenset({"input", "outputs", "last", "steps"})
 
 _STEP_REF_CEL = re.compile(r"\bsteps\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
-_STEP_IN_CEL = re.compile(r"[\"']([^\"']+)[\"']\s+in\s+steps\b")
+#: ``"x" in steps`` (the operator form's ``exists``), not ``"x" in steps.a.result``
+_STEP_IN_CEL = re.compile(r"[\"']([^\"']+)[\"']\s+in\s+steps\b(?!\s*[.\[])")
 _STEP_REF_JSONPATH = re.compile(r"\$\.steps(?:\.([A-Za-z_][A-Za-z0-9_-]*)|\[\s*[\"']([^\"']+)[\"']\s*\])")
 
 

@@ -495,43 +495,57 @@ def validate_plan(
     max_steps: int,
     extra_schema: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Every problem of ``plan``: schema, the extra schema, then the constraints."""
+    """Every problem of ``plan``: schema, the extra schema, then the constraints.
+
+    The constraints are checked on whatever parts have the right shape, so one repair
+    round can fix everything at once.
+    """
     errors = validate_instance(PLAN_SCHEMA, plan)
-    extra = validate_instance(extra_schema, plan) if extra_schema is not None else []
-    if errors:
-        # The constraints assume the plan's shape; report what is known.
-        return _cap([*errors, *extra])
-    errors = list(extra)
-    steps: list[dict[str, Any]] = plan["steps"]
-    if len(steps) > max_steps:
-        errors.append(f"$.steps: {len(steps)} steps, but at most {max_steps} are allowed (max_steps)")
+    if extra_schema is not None:
+        errors.extend(validate_instance(extra_schema, plan))
+    raw_steps = plan.get("steps") if isinstance(plan, dict) else None
+    if not isinstance(raw_steps, list):
+        return _cap(errors)
+    if len(raw_steps) > max_steps:
+        errors.append(f"$.steps: {len(raw_steps)} steps, but at most {max_steps} are allowed (max_steps)")
     available = set(agents)
     first_at: dict[str, int] = {}
-    for i, step in enumerate(steps):
-        name = step["name"]
-        if name.startswith("__"):
-            errors.append(f"$.steps[{i}].name: names starting with '__' are reserved")
-        if name in first_at:
-            errors.append(f"$.steps[{i}].name: duplicate step name '{name}' (also $.steps[{first_at[name]}].name)")
-        else:
-            first_at[name] = i
-        if step["agent"] not in available:
+    for i, step in enumerate(raw_steps):
+        if not isinstance(step, dict):
+            continue
+        name = step.get("name")
+        if isinstance(name, str):
+            if name.startswith("__"):
+                errors.append(f"$.steps[{i}].name: names starting with '__' are reserved")
+            if name in first_at:
+                errors.append(f"$.steps[{i}].name: duplicate step name '{name}' (also $.steps[{first_at[name]}].name)")
+            else:
+                first_at[name] = i
+        agent = step.get("agent")
+        if isinstance(agent, str) and agent not in available:
             listed = ", ".join(agents) if agents else "none"
-            errors.append(f"$.steps[{i}].agent: '{step['agent']}' is not an available agent (available: {listed})")
+            errors.append(f"$.steps[{i}].agent: '{agent}' is not an available agent (available: {listed})")
     deps: dict[str, list[str]] = {}
-    for i, step in enumerate(steps):
+    for i, step in enumerate(raw_steps):
+        if not isinstance(step, dict):
+            continue
+        depends_on = step.get("depends_on", [])
         known: list[str] = []
-        for j, dep in enumerate(step.get("depends_on", [])):
+        for j, dep in enumerate(depends_on if isinstance(depends_on, list) else []):
+            if not isinstance(dep, str):
+                continue
             if dep not in first_at:
                 errors.append(f"$.steps[{i}].depends_on[{j}]: unknown step '{dep}'")
             else:
                 known.append(dep)
-        deps.setdefault(step["name"], known)
+        if isinstance(step.get("name"), str):
+            deps.setdefault(step["name"], known)
     errors.extend(f"$.steps: {cycle_text(cycle)}" for cycle in find_cycles(list(first_at), deps))
-    try:
-        canonicalize_portable(plan)
-    except CanonicalizationError as exc:
-        errors.append(f"$: {exc.message}")
+    if not errors:
+        try:
+            canonicalize_portable(plan)
+        except CanonicalizationError as exc:
+            errors.append(f"$: {exc.message}")
     return _cap(errors)
 
 
@@ -608,9 +622,10 @@ class LlmPlanner(PlannerImpl):
         goal = (
             run_input["goal"] if isinstance(run_input, dict) and isinstance(run_input.get("goal"), str) else input_json
         )
-        schema_text = json.dumps(self.prompt_schema(), indent=2)
+        schema_text = json.dumps(self.prompt_schema(), ensure_ascii=False)
         if pspec.plan_schema is not None:
-            schema_text += "\n\nThe plan must also match this JSON schema:\n" + json.dumps(pspec.plan_schema, indent=2)
+            extra = json.dumps(pspec.plan_schema, ensure_ascii=False)
+            schema_text += f"\n\nThe plan must also match this JSON schema:\n{extra}"
         outputs = variables.get("outputs") or {}
         values = {
             "goal": goal,

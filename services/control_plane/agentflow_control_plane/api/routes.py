@@ -71,6 +71,7 @@ def _run_out(run: Run, steps: list[Step]) -> RunOut:
         started_at=run.started_at,
         finished_at=run.finished_at,
         steps=[_step_out(s) for s in steps],
+        planner_state=run.planner_state,
     )
 
 

@@ -74,6 +74,9 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     steps: list[StepOut]
+    planner_state: Any = Field(
+        None, description="The planner's state: current FSM state, tree node statuses, DAG progress, the LLM plan"
+    )
 
 
 class RunSummaryOut(BaseModel):

@@ -1,4 +1,4 @@
-"""Built-in agents: ``echo``, ``sleep`` and ``fail``."""
+"""Built-in agents: ``echo``, ``sleep``, ``fail``, ``constant`` and the planner's ``llm_plan``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from agentflow_worker.agents.base import Agent, AgentError, StepContext
+from agentflow_worker.agents.llm_plan import LlmPlanAgent
 
 
 class EchoAgent:
@@ -33,4 +34,17 @@ class FailAgent:
         return ctx.input
 
 
-BUILTIN_AGENTS: dict[str, Agent] = {"echo": EchoAgent(), "sleep": SleepAgent(), "fail": FailAgent()}
+class ConstantAgent:
+    """Returns its configured ``output`` (examples, tests, stubbing a step out)."""
+
+    async def run(self, ctx: StepContext) -> Any:
+        return ctx.config.get("output")
+
+
+BUILTIN_AGENTS: dict[str, Agent] = {
+    "echo": EchoAgent(),
+    "sleep": SleepAgent(),
+    "fail": FailAgent(),
+    "constant": ConstantAgent(),
+    "llm_plan": LlmPlanAgent(),
+}
