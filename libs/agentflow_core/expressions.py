@@ -129,7 +129,7 @@ def _json_safe(value: Any) -> bool:
 class Expression:
     """A compiled CEL expression or JSONPath query."""
 
-    __slots__ = ("_evaluate", "kind", "source", "variables")
+    __slots__ = ("_evaluate", "_fields", "kind", "source", "variables")
 
     def __init__(self, source: str) -> None:
         if not isinstance(source, str) or not source.strip():
@@ -155,6 +155,15 @@ class Expression:
                     raise ExpressionError(source, match.group(3), f"{match.group(1)}:{match.group(2)}") from exc
                 raise ExpressionError(source, text) from exc
             self.variables = tuple(program.variables())
+            fast = _flatten(source, self.variables)
+            if fast is not None:
+                flat_source, self._fields = fast
+                try:
+                    program = cel.compile(flat_source)
+                except ValueError:
+                    self._fields = {}
+            else:
+                self._fields = {}
             self._evaluate = lambda scope: self._run_cel(program, scope)
 
     def __repr__(self) -> str:
@@ -173,10 +182,20 @@ class Expression:
 
     def _run_cel(self, program: Any, scope: Scope) -> Any:
         context: dict[str, Any] = {}
+        fields = self._fields
         for name in self.variables:
             found, value = scope.resolve(name)
-            if found:
+            if not found:
+                continue
+            flat = fields.get(name)
+            if flat is None:
                 context[name] = _as_cel(value)
+            elif isinstance(value, dict):
+                # Only the fields the expression reads, as flat variables: converting a
+                # map into CEL costs per entry, a scalar almost nothing.
+                for field, var in flat:
+                    if field in value:
+                        context[var] = _as_cel(value[field])
         try:
             value = program.execute(context)
         except KeyError as exc:
@@ -185,10 +204,21 @@ class Expression:
             text = str(exc).split("\n", 1)[0]
             undefined = _UNDEFINED.search(text)
             if undefined:
-                text = (
-                    f"unknown name '{undefined.group(1)}' (not input/outputs/last, a node, an agent,"
-                    " or a field of the last output)"
-                )
+                name = undefined.group(1)
+                if name.startswith(_FLAT):
+                    root, _, field = name[len(_FLAT) :].partition("__")
+                    found, value = scope.resolve(root)
+                    text = (
+                        f"no such field '{field}' in '{root}'"
+                        if found
+                        else f"unknown name '{root}' (not input/outputs/last, a node, an agent,"
+                        " or a field of the last output)"
+                    )
+                else:
+                    text = (
+                        f"unknown name '{name}' (not input/outputs/last, a node, an agent,"
+                        " or a field of the last output)"
+                    )
             raise EvaluationError(self.source, text) from exc
         if not _json_safe(value):
             raise EvaluationError(self.source, f"result of type {type(value).__name__} is not JSON data")
@@ -212,6 +242,52 @@ class Expression:
         if value is True or value is False:
             return value
         raise EvaluationError(self.source, f"a condition must be true or false, got {json.dumps(value)[:80]}")
+
+
+_FLAT = "_af__"
+_TOKENS = re.compile(
+    r"""(?P<str>[rRbB]*(?:'{3}.*?'{3}|"{3}.*?"{3}|'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"))"""
+    r"|(?P<sel>(?<![\w.])(?P<root>[A-Za-z_][A-Za-z0-9_]*)\s*\.\s*(?P<field>[A-Za-z_][A-Za-z0-9_]*)(?![\w\s]*\())",
+    re.DOTALL,
+)
+_MACRO_VARS = re.compile(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*,")
+
+
+def _flatten(source: str, variables: tuple[str, ...]) -> tuple[str, dict[str, list[tuple[str, str]]]] | None:
+    """Rewrite ``root.field`` selections into flat variables (``_af__root__field``).
+
+    Only when every use of a root is such a selection, outside string literals, and the
+    expression has no ``has()`` (which needs a real selection) and the root is not a
+    comprehension variable. Returns the new source and ``{root: [(field, flat_name)]}``,
+    or None when nothing can be flattened.
+    """
+    if "has(" in source.replace(" ", "") or _FLAT in source:
+        return None
+    bound = set(_MACRO_VARS.findall(source))
+    candidates = {v for v in variables if v not in bound}
+    if not candidates:
+        return None
+    # Roots also used bare (``size(items)``, ``input[...]``) keep their whole value.
+    code = _TOKENS.sub(lambda m: '""' if m.group("str") else m.group(0), source)
+    for root in list(candidates):
+        uses = len(re.findall(rf"(?<![\w.]){re.escape(root)}(?!\w)", code))
+        selections = len(re.findall(rf"(?<![\w.]){re.escape(root)}\s*\.\s*[A-Za-z_]\w*(?![\w\s]*\()", code))
+        if uses != selections:
+            candidates.discard(root)
+    if not candidates:
+        return None
+    fields: dict[str, list[tuple[str, str]]] = {}
+
+    def replace(m: re.Match[str]) -> str:
+        if m.group("str") or m.group("root") not in candidates:
+            return m.group(0)
+        root, field = m.group("root"), m.group("field")
+        var = f"{_FLAT}{root}__{field}"
+        if (field, var) not in fields.setdefault(root, []):
+            fields[root].append((field, var))
+        return var
+
+    return _TOKENS.sub(replace, source), fields
 
 
 #: A mapping spec: a single expression, or a mapping (nested) whose string leaves are

@@ -54,6 +54,9 @@ class _State:
     input: CompiledMapping | None
     output: CompiledMapping | None
     transitions: list[tuple[Expression, str]]
+    #: all CEL transitions folded into one program returning the index of the first
+    #: true condition (or -1): one evaluation instead of one per condition
+    chooser: Expression | None
     condition: Expression | None
     router: Router | None
 
@@ -138,7 +141,17 @@ class FsmPlanner(PlannerImpl):
                 ],
                 condition=checks.expr(f"{here}.condition", st.condition) if st.condition is not None else None,
                 router=router,
+                chooser=None,
             )
+            compiled = self._states[name]
+            conds = [e for e, _ in compiled.transitions]
+            if len(conds) > 1 and all(e.kind == "cel" for e in conds):
+                # Left to right, stopping at the first true one: the same order and the
+                # same errors as evaluating them one by one.
+                folded = "-1"
+                for i in reversed(range(len(conds))):
+                    folded = f"(({conds[i].source}) ? {i} : {folded})"
+                compiled.chooser = Expression(folded)
         if checks.errors:
             return
         self._check_graph(agents, checks, loc)
@@ -316,9 +329,21 @@ class FsmPlanner(PlannerImpl):
                 if target not in self._states and target not in self._finals:
                     return None, f"router '{st.spec.router}' chose unknown state {target!r}"
                 return target, None
-            for expr, target in st.transitions:
-                if expr.test(scope):
-                    return target, None
+            if st.chooser is not None:
+                try:
+                    index = st.chooser.evaluate(scope)
+                except EvaluationError:
+                    index = None  # find which condition failed, for the message
+                if index is not None and index >= 0:
+                    return st.transitions[int(index)][1], None
+                if index is None:
+                    for expr, target in st.transitions:
+                        if expr.test(scope):
+                            return target, None
+            else:
+                for expr, target in st.transitions:
+                    if expr.test(scope):
+                        return target, None
             if st.condition is not None:
                 return (st.spec.on_true if st.condition.test(scope) else st.spec.on_false), None
         except EvaluationError as exc:
