@@ -391,11 +391,14 @@ def operator_condition_to_cel(cond: Any, refs_root: str = "steps") -> str:
         key = arg("key")
         if not (isinstance(key, str) and key.startswith("$")):
             raise ExpressionError(str(key), "'key' must be a $reference")
-        # has() on a missing parent is an error in CEL, so every level is guarded.
+        # has() on a missing parent, or on a list or string, is an error in CEL: every
+        # level is guarded, so "does not exist" is false, never an error.
         segments = key[1:].split(".")
         guards = [f'("{segments[0]}" in {refs_root})']
         for i in range(1, len(segments)):
-            guards.append(f"has({_ref_to_cel('$' + '.'.join(segments[: i + 1]), refs_root)})")
+            parent = _ref_to_cel("$" + ".".join(segments[:i]), refs_root)
+            child = _ref_to_cel("$" + ".".join(segments[: i + 1]), refs_root)
+            guards.append(f"type({parent}) == map && has({child})")
         test = " && ".join(guards)
         return f"({test})" if op == "exists" else f"!({test})"
     if op == "contains":

@@ -53,6 +53,9 @@ class AgentSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str = Field(min_length=1, max_length=128)
+    #: what the agent is for (shown to the LLM planner, the dashboard, graphs)
+    description: str | None = Field(None, max_length=2000)
+    role: str | None = Field(None, max_length=2000)
     timeout_s: float | None = Field(None, gt=0, le=86_400)
     retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy())
     queue: Annotated[str, Field(pattern=QUEUE_PATTERN)] = "default"

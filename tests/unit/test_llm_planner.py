@@ -36,10 +36,10 @@ PLAN = {
 }
 
 
-def make(agents: dict[str, Any] | None = None, **settings_: Any) -> LlmPlanner:
+def make(**settings_: Any) -> LlmPlanner:
     spec = LlmPlannerSpec.model_validate({"type": "llm", "model": {"model": "gpt-4o-mini"}, **settings_})
     checks = Checks()
-    planner = LlmPlanner(spec, AGENTS if agents is None else agents, checks)
+    planner = LlmPlanner(spec, AGENTS, checks)
     assert checks.errors == []
     return planner
 
@@ -47,12 +47,14 @@ def make(agents: dict[str, Any] | None = None, **settings_: Any) -> LlmPlanner:
 def answer(d: Decision, planner: LlmPlanner, content: Any, now: int = 0, run_input: Any = None) -> Decision:
     text = content if isinstance(content, str) else json.dumps(content)
     seq = d.state["plan_seq"]
-    return planner.on_result(d.state, StepResult(seq, "succeeded", {"content": text, "usage": {"total_tokens": 9}}), run_input, now)
+    return planner.on_result(
+        d.state, StepResult(seq, "succeeded", {"content": text, "usage": {"total_tokens": 9}}), run_input, now
+    )
 
 
-def ok(planner: LlmPlanner, d: Decision, step: str, output: Any = None) -> Decision:
+def ok(planner: LlmPlanner, d: Decision, step: str, output: Any = None, run_input: Any = None) -> Decision:
     seq = d.state["steps"][step]["seq"]
-    return planner.on_result(d.state, StepResult(seq, "succeeded", output), None, 0)
+    return planner.on_result(d.state, StepResult(seq, "succeeded", output), run_input, 0)
 
 
 def test_begin_dispatches_the_planning_step() -> None:
@@ -86,12 +88,17 @@ def test_begin_dispatches_the_planning_step() -> None:
 def test_valid_plan_executes_as_a_dag() -> None:
     planner = make()
     d = planner.start({"topic": "tea"}, 0)
-    d = answer(d, planner, PLAN)
+    d = answer(d, planner, PLAN, run_input={"topic": "tea"})
     assert d.state["phase"] == "executing" and d.state["plan"] == PLAN
     [req] = d.dispatch
     # Plan inputs are literal JSON, never expressions.
-    assert (req.seq, req.state, req.agent, req.payload) == (2, "find", "search", {"input": {"q": "input.topic"}, "last": None})
-    d = ok(planner, d, "find", ["s1"])
+    assert (req.seq, req.state, req.agent, req.payload) == (
+        2,
+        "find",
+        "search",
+        {"input": {"q": "input.topic"}, "last": None},
+    )
+    d = ok(planner, d, "find", ["s1"], run_input={"topic": "tea"})
     [req] = d.dispatch
     assert (req.state, req.payload) == ("digest", {"input": {"topic": "tea"}, "last": ["s1"]})
     d = ok(planner, d, "digest", "short")
@@ -114,14 +121,17 @@ def test_invalid_plan_gets_one_repair_with_the_errors() -> None:
     d = planner.start({"topic": "tea"}, 0)
     first_messages = d.dispatch[0].payload["messages"]
     bad = {"steps": [{"name": "find", "agent": "google"}, {"name": "w", "agent": "write", "depends_on": ["nope"]}]}
-    d = answer(d, planner, bad)
+    d = answer(d, planner, bad, run_input={"topic": "tea"})
     [req] = d.dispatch
     assert (req.seq, req.state, req.agent) == (2, "__plan__", "__planner__")
     messages = req.payload["messages"]
     assert messages[:2] == first_messages
     assert messages[2] == {"role": "assistant", "content": json.dumps(bad)}
     assert messages[3]["role"] == "user"
-    assert "$.steps[0].agent: 'google' is not an available agent (available: search, summarize, write)" in messages[3]["content"]
+    assert (
+        "$.steps[0].agent: 'google' is not an available agent (available: search, summarize, write)"
+        in messages[3]["content"]
+    )
     assert "$.steps[1].depends_on[0]: unknown step 'nope'" in messages[3]["content"]
     assert d.state["attempt"] == 2 and d.state["plan_seq"] == 2 and len(d.state["errors"]) == 2
     d = answer(d, planner, PLAN)
@@ -197,7 +207,7 @@ def test_late_and_foreign_results_are_ignored() -> None:
             "$.steps[0].name: names starting with '__' are reserved",
         ),
         ({"steps": [{"name": "a", "agent": "write", "depends_on": ["a"]}]}, "$.steps: dependency cycle: a -> a"),
-        ({"steps": [{"name": "a b", "agent": "write"}]}, "$.steps[0].name: \"a b\" does not match the pattern"),
+        ({"steps": [{"name": "a b", "agent": "write"}]}, '$.steps[0].name: "a b" does not match the pattern'),
         ({"steps": [{"name": "a"}]}, "$.steps[0]: missing required property 'agent'"),
         (
             {"steps": [{"name": "a", "agent": "write", "after": ["x"]}]},
@@ -229,7 +239,7 @@ def test_fenced_json_is_accepted() -> None:
     content = "Here is the plan:\n```json\n" + json.dumps(PLAN, indent=2) + "\n```\nGood luck."
     d = answer(planner.start(None, 0), planner, content)
     assert d.state["phase"] == "executing" and [r.state for r in d.dispatch] == ["find"]
-    assert parse_plan_text("```\n{\"a\": 1}\n```") == ({"a": 1}, [])
+    assert parse_plan_text('```\n{"a": 1}\n```') == ({"a": 1}, [])
 
 
 def test_unparseable_answers() -> None:
@@ -242,7 +252,6 @@ def test_unparseable_answers() -> None:
 
 def test_allowed_agents_and_plan_schema() -> None:
     planner = make(
-        agents=None,
         **{
             "agents": ["write"],
             "schema": {"properties": {"steps": {"maxItems": 1}}, "required": ["on_failure"]},
@@ -255,7 +264,10 @@ def test_allowed_agents_and_plan_schema() -> None:
     d = answer(d, planner, PLAN)
     assert "$: missing required property 'on_failure'" in d.state["errors"]
     assert "$.steps: more than 1 items" in d.state["errors"]
-    assert any(e.startswith("$.steps[0].agent: 'search' is not an available agent (available: write)") for e in d.state["errors"])
+    assert any(
+        e.startswith("$.steps[0].agent: 'search' is not an available agent (available: write)")
+        for e in d.state["errors"]
+    )
     d = answer(d, planner, {"steps": [{"name": "w", "agent": "write"}], "on_failure": "fail"})
     assert [r.agent for r in d.dispatch] == ["write"]
 
@@ -331,7 +343,7 @@ def test_replan_prompt_includes_the_failure_and_earlier_outputs() -> None:
     assert "An earlier plan for this run failed: step 'load' failed: disk full" in text
     assert '{"fetch": {"rows": 3}}' in text
     # The repair prompt keeps the same first messages.
-    d2 = answer(d, planner, "??")
+    d2 = answer(d, planner, "??", run_input={"goal": "g"})
     assert d2.dispatch[0].payload["messages"][:2] == req.payload["messages"]
     # A plan continues the run's seqs and variables.
     d3 = answer(d2, planner, {"steps": [{"name": "a", "agent": "search"}]})
@@ -367,11 +379,11 @@ def test_plan_dags_are_cached_and_bounded() -> None:
 def test_state_is_not_mutated_and_survives_json() -> None:
     planner = make()
     d = planner.start({"topic": "t"}, 0)
-    for step in (lambda s: answer(Decision(state=s), planner, "bad"), lambda s: answer(Decision(state=s), planner, PLAN)):
+    for text in ("bad", json.dumps(PLAN)):
         frozen = copy.deepcopy(d.state)
-        nxt = step(d.state)
+        nxt = answer(d, planner, text)
         assert d.state == frozen
-        again = step(json.loads(json.dumps(d.state)))
+        again = answer(Decision(state=json.loads(json.dumps(d.state))), planner, text)
         assert again == nxt
         d = nxt
 
@@ -449,4 +461,6 @@ def test_validator_keywords() -> None:
     ]
     assert validate_instance({"enum": [1]}, True) == ["$: true is not one of 1"]
     assert validate_instance({"not": {"type": "null"}}, None) == ["$: must not match the 'not' schema"]
-    assert schema_problems({"$ref": "#/nowhere"}) == ["schema.$ref: cannot resolve '#/nowhere' (only local references like '#/$defs/x')"]
+    assert schema_problems({"$ref": "#/nowhere"}) == [
+        "schema.$ref: cannot resolve '#/nowhere' (only local references like '#/$defs/x')"
+    ]

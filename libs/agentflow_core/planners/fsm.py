@@ -143,15 +143,15 @@ class FsmPlanner(PlannerImpl):
                 router=router,
                 chooser=None,
             )
-            compiled = self._states[name]
-            conds = [e for e, _ in compiled.transitions]
+            entry = self._states[name]
+            conds = [e for e, _ in entry.transitions]
             if len(conds) > 1 and all(e.kind == "cel" for e in conds):
                 # Left to right, stopping at the first true one: the same order and the
                 # same errors as evaluating them one by one.
                 folded = "-1"
                 for i in reversed(range(len(conds))):
                     folded = f"(({conds[i].source}) ? {i} : {folded})"
-                compiled.chooser = Expression(folded)
+                entry.chooser = Expression(folded)
         if checks.errors:
             return
         self._check_graph(agents, checks, loc)

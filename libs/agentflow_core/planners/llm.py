@@ -36,7 +36,7 @@ import json
 import math
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -168,6 +168,8 @@ _KEYWORDS = (
     | {"type", "enum", "const", "required", "dependentRequired", "uniqueItems", "pattern", "$ref"}
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: validates a value against a subschema at a path: ``(schema, value, path) -> problems``
+_Sub = Callable[[Any, Any, str], list[str]]
 _MAX_DEPTH = 64
 
 
@@ -222,7 +224,9 @@ def _json_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _resolve_ref(root: Any, ref: str) -> Any:
+def _resolve_ref(root: Any, ref: Any) -> Any:
+    if not isinstance(ref, str):
+        raise KeyError(ref)
     if ref == "#":
         return root
     if not ref.startswith("#/"):
@@ -394,7 +398,7 @@ def _validate_number(schema: dict[str, Any], value: float, path: str) -> list[st
     return errors
 
 
-def _validate_object(schema: dict[str, Any], value: dict[str, Any], path: str, sub: Any) -> list[str]:
+def _validate_object(schema: dict[str, Any], value: dict[str, Any], path: str, sub: _Sub) -> list[str]:
     errors: list[str] = []
     properties: dict[str, Any] = schema.get("properties", {})
     patterns: dict[str, Any] = schema.get("patternProperties", {})
@@ -432,7 +436,7 @@ def _validate_object(schema: dict[str, Any], value: dict[str, Any], path: str, s
     return errors
 
 
-def _validate_array(schema: dict[str, Any], value: list[Any], path: str, sub: Any) -> list[str]:
+def _validate_array(schema: dict[str, Any], value: list[Any], path: str, sub: _Sub) -> list[str]:
     errors: list[str] = []
     if "minItems" in schema and len(value) < schema["minItems"]:
         errors.append(f"{path}: fewer than {schema['minItems']} items")
