@@ -162,10 +162,211 @@ def test_bad_expression_is_a_422_naming_node_expression_and_position(api: Api) -
     assert "'a.score >'" in detail["msg"] and "at 1:10" in detail["msg"]
 
 
+# --- DAG --------------------------------------------------------------------------------
+
+
+def test_dag_parallel_up_to_max_concurrency_with_skips_and_dependencies(api: Api) -> None:
+    name = put(
+        api,
+        {
+            "name": "pipeline",
+            "agents": {
+                "fetch": {"type": "sleep", "ms": 400},
+                "merge": {"type": "echo"},
+                "notify": {"type": "echo"},
+                "report": {"type": "constant", "output": {"done": True}},
+            },
+            "planner": {
+                "type": "dag",
+                "max_concurrency": 2,
+                "steps": [
+                    {"name": "a", "agent": "fetch"},
+                    {"name": "b", "agent": "fetch"},
+                    {"name": "c", "agent": "fetch"},
+                    {"name": "merge", "depends_on": ["a", "b", "c"], "input": {"total": "input.amount"}},
+                    {
+                        "name": "notify",
+                        "depends_on": ["merge"],
+                        "condition": {"operator": "greater_than", "left": "$merge.result.total", "right": 100},
+                    },
+                    {"name": "report", "depends_on": ["notify"]},
+                ],
+            },
+        },
+    )
+    run = api.wait(api.start(name, {"amount": 5}))
+    assert run["status"] == "succeeded", run
+    steps = by_state(run)
+    assert set(steps) == {"a", "b", "c", "merge", "report"}  # notify skipped: no step
+    assert run["planner_state"]["steps"]["notify"]["status"] == "skipped"
+    fetches = sorted((steps[n] for n in "abc"), key=lambda s: s["started_at"])
+    # Two at once: the first two overlap, the third starts after one of them finished.
+    assert fetches[1]["started_at"] < fetches[0]["finished_at"]
+    assert fetches[2]["started_at"] >= min(fetches[0]["finished_at"], fetches[1]["finished_at"])
+    assert steps["merge"]["queued_at"] >= max(s["finished_at"] for s in fetches)
+    assert run["output"]["report"] == {"done": True}
+
+    notified = api.wait(api.start(name, {"amount": 500}))
+    assert "notify" in by_state(notified)
+
+
+def test_dag_failure_halts_in_flight_steps(api: Api) -> None:
+    name = put(
+        api,
+        {
+            "name": "halting",
+            "agents": {"slow": {"type": "sleep", "ms": 20000}, "bad": {"type": "fail", "times": 1}},
+            "planner": {"type": "dag", "steps": {"long": {"agent": "slow"}, "broken": {"agent": "bad"}}},
+        },
+    )
+    run = api.wait(api.start(name, None), timeout=15)
+    assert run["status"] == "failed", run
+    steps = by_state(run)
+    assert steps["broken"]["status"] == "failed"
+    assert steps["long"]["status"] == "cancelled"
+
+
+# --- behavior tree ----------------------------------------------------------------------
+
+
+def test_seed_content_moderation_tree_runs_parallel_checks(api: Api) -> None:
+    name = put(api, (EXAMPLES / "content-moderation.yaml").read_text())
+    clean = api.wait(api.start(name, {"toxicity": 0.1, "spam": 0.2, "pii": False}))
+    assert clean["status"] == "succeeded", clean
+    assert (
+        set(by_state(clean)) >= {"toxicity_detector", "spam_detector", "pii_detector", "publish"}
+        or len(clean["steps"]) == 4
+    )
+    assert any(s["agent"] == "publish" for s in clean["steps"])
+    toxic = api.wait(api.start(name, {"toxicity": 0.9, "spam": 0.2, "pii": False}))
+    assert toxic["status"] == "failed", toxic
+    assert not any(s["agent"] == "publish" for s in toxic["steps"])
+
+
+def test_bt_timeout_halts_the_running_step_on_the_worker(api: Api) -> None:
+    name = put(
+        api,
+        {
+            "name": "bt-timeout",
+            "agents": {"slow": {"type": "sleep", "ms": 30000}, "rescue": {"type": "constant", "output": "rescued"}},
+            "planner": {
+                "type": "behavior_tree",
+                "root": {
+                    "type": "fallback",
+                    "children": [
+                        {"type": "timeout", "seconds": 0.5, "child": {"type": "action", "agent": "slow"}},
+                        {"type": "action", "agent": "rescue"},
+                    ],
+                },
+            },
+        },
+    )
+    run = api.wait(api.start(name, None), timeout=15)
+    assert run["status"] == "succeeded", run
+    slow = next(s for s in run["steps"] if s["agent"] == "slow")
+    assert slow["status"] == "cancelled"
+    rescue = next(s for s in run["steps"] if s["agent"] == "rescue")
+    assert rescue["status"] == "succeeded"
+    # The timer fired about 0.5 s after the step was queued, not after 30 s.
+    from datetime import datetime
+
+    def ts(value: str) -> datetime:
+        return datetime.fromisoformat(value)
+
+    waited = (ts(rescue["queued_at"]) - ts(slow["queued_at"])).total_seconds()
+    assert 0.4 <= waited < 5, waited
+
+
+def test_bt_retry_decorator_starts_each_attempt_on_a_new_tick(api: Api) -> None:
+    name = put(
+        api,
+        {
+            "name": "bt-retry",
+            "agents": {"flaky": {"type": "fail", "times": 1}},
+            "planner": {
+                "type": "behavior_tree",
+                "root": {"type": "retry", "max_attempts": 3, "child": {"type": "action", "agent": "flaky"}},
+            },
+        },
+    )
+    run = api.wait(api.start(name, "x"))
+    # The fail agent fails attempt 1 of every step: each retry is a new step, so all fail.
+    assert run["status"] == "failed", run
+    assert [s["seq"] for s in run["steps"]] == [1, 2, 3]
+
+
+# --- guarded LLM planner -----------------------------------------------------------------
+
+
 @pytest.fixture
 def fake_llm() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:
         yield server
 
 
-__all__ = ["fake_llm", "json"]
+def llm_workflow(api_base: str, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "agents": {
+            "search": {"type": "constant", "output": {"sources": ["a", "b"]}, "description": "finds sources"},
+            "summarize": {"type": "echo", "description": "summarizes"},
+            "write": {"type": "constant", "output": "the report"},
+        },
+        "planner": {
+            "type": "llm",
+            "model": {"model": "gpt-test", "api_base": api_base},
+            "max_steps": 4,
+            "fallback": {"type": "dag", "steps": [{"name": "search"}, {"name": "write", "depends_on": ["search"]}]},
+        },
+    }
+
+
+PLAN = {
+    "steps": [
+        {"name": "find", "agent": "search"},
+        {"name": "sum", "agent": "summarize", "depends_on": ["find"], "input": {"style": "short"}},
+        {"name": "out", "agent": "write", "depends_on": ["sum"]},
+    ]
+}
+
+
+def test_llm_plan_repaired_once_then_executed_as_dag(api: Api, fake_llm: FakeOpenAI) -> None:
+    bad = {"steps": [{"name": "x", "agent": "hack_the_planet"}]}
+    fake_llm.script({"content": json.dumps(bad)}, {"content": "```json\n" + json.dumps(PLAN) + "\n```"})
+    name = put(api, llm_workflow(fake_llm.api_base, "llm-ok"))
+    run = api.wait(api.start(name, {"topic": "otters"}), timeout=30)
+    assert run["status"] == "succeeded", run
+    assert [s["state"] for s in sorted(run["steps"], key=lambda s: s["seq"])] == [
+        "__plan__",
+        "__plan__",
+        "find",
+        "sum",
+        "out",
+    ]
+    # A planner with a fallback is supervised: the LLM planner's own state is "inner".
+    assert run["planner_state"]["inner"]["plan"]["steps"][0]["name"] == "find"
+    assert len(fake_llm.requests) == 2
+    repair = fake_llm.requests[1]["body"]["messages"]
+    assert "hack_the_planet" in repair[-1]["content"]  # the validation errors go back to the model
+    assert "otters" in fake_llm.requests[0]["body"]["messages"][-1]["content"]
+    assert by_state(run)["sum"]["output"] == {"style": "short"}
+
+
+def test_llm_plan_invalid_twice_runs_the_fallback(api: Api, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script({"content": "I think you should search the web."}, {"content": json.dumps({"steps": []})})
+    name = put(api, llm_workflow(fake_llm.api_base, "llm-fallback"))
+    run = api.wait(api.start(name, {"topic": "otters"}), timeout=30)
+    assert run["status"] == "succeeded", run
+    states = [s["state"] for s in sorted(run["steps"], key=lambda s: s["seq"])]
+    assert states == ["__plan__", "__plan__", "search", "write"]
+    assert run["planner_state"]["phase"] == "fallback"
+    assert "LLM plan rejected" in run["planner_state"]["escalated_from"]
+
+
+def test_llm_planning_call_errors_are_retried(api: Api, fake_llm: FakeOpenAI) -> None:
+    fake_llm.script({"status": 503}, {"content": json.dumps(PLAN)})
+    name = put(api, llm_workflow(fake_llm.api_base, "llm-retry"))
+    run = api.wait(api.start(name, {"topic": "otters"}), timeout=30)
+    assert run["status"] == "succeeded", run
+    plan_step = next(s for s in run["steps"] if s["state"] == "__plan__")
+    assert plan_step["attempt"] == 2

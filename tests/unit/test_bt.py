@@ -143,8 +143,8 @@ def test_action_failure_fails_the_run_naming_the_node_and_the_error() -> None:
 def test_input_and_output_mappings() -> None:
     root = node(
         "sequence",
-        act("a", name="first", input={"text": "input.text", "n": 3}, output={"score": "value * 2"}),
-        act("b", input="first.score + 1"),
+        act("a", name="first", input={"text": "input.text", "n": 3}, output={"score": "value * 2.0"}),
+        act("b", input="first.score + 1.0"),
     )
     run = Run(tree(root), run_input={"text": "hi"})
     assert run.last.dispatch[0].payload["input"] == {"text": "hi", "n": 3}

@@ -59,7 +59,8 @@ class Decision:
     dispatch: list[StepRequest] = field(default_factory=list)
     outcome: RunOutcome | None = None
     #: True when the event did not belong to the current plan (a late result of a halted
-    #: step, a stale timer) and the state is unchanged.
+    #: step, a timer not yet due) and the state is unchanged. An ignored decision still
+    #: restates the timer the planner wants in ``wake_at_ms``.
     ignored: bool = False
     #: seqs of in-flight steps to halt: the engine marks them cancelled and tells the
     #: workers to stop them; their late results are recorded but never reach the planner.

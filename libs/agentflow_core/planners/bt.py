@@ -51,13 +51,12 @@ SUCCESS: Final = 1
 FAILURE: Final = 2
 
 _COMMON_FIELDS = frozenset({"type", "name", "description"})
-_PARALLEL_FIELDS = ("children", "success_threshold", "failure_threshold", "success_policy")
 #: the fields each node type takes (besides type/name/description), required ones first
 _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "action": (("agent",), ("input", "output")),
     "condition": (("check",), ()),
     "conditional_selector": (("conditions",), ()),
-    "parallel": (("children",), _PARALLEL_FIELDS[1:]),
+    "parallel": (("children",), ("success_threshold", "failure_threshold", "success_policy")),
     "retry": (("child", "max_attempts"), ()),
     "repeat": (("child", "times"), ()),
     "timeout": (("child", "seconds"), ()),
@@ -522,11 +521,8 @@ class BtPlanner(PlannerImpl):
         if node.kind == "action":
             ctx.inflight.pop(str(memory), None)
             self._stop_step(ctx, memory)
-            return
-        active = ctx.active
-        for child in node.children:
-            if self._nodes[child].key in active:
-                self._halt(ctx, child)
+        else:
+            self._halt_children(ctx, i)
 
     @staticmethod
     def _stop_step(ctx: _Tick, seq: int) -> None:

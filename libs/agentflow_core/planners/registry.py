@@ -18,6 +18,7 @@ outputs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -172,9 +173,16 @@ class Supervised(PlannerImpl):
     def on_result(self, state: dict[str, Any], result: StepResult, run_input: Any, now_ms: int) -> Decision:
         phase = state["phase"]
         if phase == "waiting":
-            return Decision(state=state, ignored=True)
+            return Decision(state=state, ignored=True, wake_at_ms=state["resume_at"])
         decision = self._active(phase).on_result(state["inner"], result, run_input, now_ms)
-        return self._after(phase, state["restarts"], decision, run_input, now_ms)
+        return self._carry(state, self._after(phase, state["restarts"], decision, run_input, now_ms))
+
+    @staticmethod
+    def _carry(old: dict[str, Any], decision: Decision) -> Decision:
+        # Keep why the plan escalated, for as long as the fallback runs.
+        if "escalated_from" in old and "escalated_from" not in decision.state:
+            decision = replace(decision, state={**decision.state, "escalated_from": old["escalated_from"]})
+        return decision
 
     def on_timer(self, state: dict[str, Any], run_input: Any, now_ms: int) -> Decision:
         phase = state["phase"]
@@ -185,7 +193,7 @@ class Supervised(PlannerImpl):
             decision = self._main.begin(run_input, now_ms, int(inner.get("seq", 0)), inner["vars"], state["failure"])
             return self._after("main", state["restarts"], decision, run_input, now_ms)
         decision = self._active(phase).on_timer(state["inner"], run_input, now_ms)
-        return self._after(phase, state["restarts"], decision, run_input, now_ms)
+        return self._carry(state, self._after(phase, state["restarts"], decision, run_input, now_ms))
 
 
 __all__ = ["RunOutcome", "Supervised", "build_planner", "compile_planner"]

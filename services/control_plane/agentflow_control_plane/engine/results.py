@@ -60,7 +60,7 @@ LOAD_SQL = (
     " s.attempts, s.pickups_before, s.step_hash, s.queued_at, s.started_at, s.worker,"
     " r.status, r.planner_state, r.input, r.workflow_name, r.workflow_version, r.started_at,"
     " EXISTS (SELECT 1 FROM envelopes e WHERE e.step_id = s.id AND e.attempt = s.attempt"
-    " AND e.kind = 'result') "
+    " AND e.kind = 'result'), r.wake_at "
     "FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.id = ANY($1::uuid[]) "
     "ORDER BY r.id FOR UPDATE OF r"
 )

@@ -89,7 +89,7 @@ class RunRow:
         self.output: Any = None
         self.error: str | None = None
         self.finished_at: datetime | None = None
-        self.wake_at: datetime | None = None
+        self.wake_at: datetime | None = row[22]
         self.dirty = False
 
     @classmethod
@@ -101,10 +101,11 @@ class RunRow:
         run_input: Any,
         key: tuple[str, str, int],
         started_at: datetime | None,
+        wake_at: datetime | None = None,
     ) -> RunRow:
-        row: list[Any] = [None] * 21
+        row: list[Any] = [None] * 23
         row[1], row[15], row[16], row[17] = run_id, status, state, run_input
-        row[2], row[18], row[19], row[20] = key[0], key[1], key[2], started_at
+        row[2], row[18], row[19], row[20], row[22] = key[0], key[1], key[2], started_at, wake_at
         return cls(row)
 
     def update_tuple(self) -> tuple[Any, ...]:

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.db.session import pg_transaction
-from agentflow_control_plane.engine.decisions import apply_decision, now_ms, publish_cancels
+from agentflow_control_plane.engine.decisions import apply_decision, from_ms, now_ms, publish_cancels
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.rows import RunRow
 from agentflow_control_plane.engine.specs import SpecCache
@@ -115,7 +115,8 @@ class Timers:
                 workflow = compiled[run.key]
                 decision = workflow.planner.on_timer(run.state, run.input, now_ms(now))
                 if decision.ignored:
-                    run.wake_at = None  # a stale timer: clear it so it does not fire again
+                    # Not due, or stale: keep only the timer the planner still wants.
+                    run.wake_at = from_ms(decision.wake_at_ms)
                     run.dirty = True
                 else:
                     apply_decision(
