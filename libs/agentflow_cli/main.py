@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from agentflow_cli.spec_commands import COMMANDS as SPEC_COMMANDS
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -202,6 +204,10 @@ def run(
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--input") from exc
     sys.exit(run_workflow(file, run_input, wait=wait, api_url=api_url, token=api_token, timeout=timeout))
+
+
+for _command in SPEC_COMMANDS:  # validate, graph, import (offline spec tooling)
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -76,7 +76,6 @@ _CEL_KEYWORDS = frozenset(
 #: (a state named ``input`` would be unreadable as ``input``), and the generated finals
 _RESERVED_STATES = _CEL_KEYWORDS | {"input", "outputs", "last", "steps", END_STATE, FAILED_STATE}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_FUNC = re.compile(r"func:\s*(\S.*)")
 
 PlannerKind = Literal["fsm", "dag"]
 
@@ -153,15 +152,17 @@ class _Edge:
 
 @dataclass(slots=True)
 class _Errors:
-    details: list[dict[str, str]] = field(default_factory=list)
+    found: list[tuple[int, dict[str, str]]] = field(default_factory=list)
 
     def add(self, row: int | None, column: str | None, msg: str) -> None:
         loc = ".".join(p for p in (f"row {row}" if row is not None else "", column or "") if p) or "csv"
-        self.details.append({"loc": loc, "msg": msg})
+        self.found.append((row or 0, {"loc": loc, "msg": msg}))
 
     def raise_if_any(self, summary: str) -> None:
-        if self.details:
-            raise ValidationFailed(summary, details=self.details)
+        if self.found:
+            # In file order, whichever check found them.
+            details = [d for _, d in sorted(self.found, key=lambda item: item[0])]
+            raise ValidationFailed(summary, details=details)
 
 
 def _canonical(header: str) -> str:
@@ -171,8 +172,8 @@ def _canonical(header: str) -> str:
 _BY_CANONICAL = {_canonical(c): c for c in COLUMNS}
 
 
-def _read(csv_text: str, issues: list[ImportIssue]) -> list[_Row]:
-    errors = _Errors()
+def _read(csv_text: str, issues: list[ImportIssue], errors: _Errors) -> list[_Row]:
+    """The data rows; header problems raise at once, row problems are collected in ``errors``."""
     # strict: an unbalanced quote is an error, not a silently merged cell.
     reader = csv.reader(io.StringIO(csv_text.lstrip("\ufeff"), newline=""), strict=True)
     records: list[list[str]] = []
@@ -182,60 +183,61 @@ def _read(csv_text: str, issues: list[ImportIssue]) -> list[_Row]:
         # Spreadsheet row of the broken record: the header is row 1.
         errors.add(len(records) + 1, None, f"not valid CSV: {exc}")
         errors.raise_if_any("the AgentMap CSV is malformed")
-    if not records or not any(cell.strip() for cell in records[0]):
-        errors.add(1, None, "the CSV is empty (expected a header row naming AgentMap's columns)")
-        errors.raise_if_any("the AgentMap CSV is malformed")
-
-    header = records[0]
+    # The header is the first non-blank row.
+    first = next((i for i, record in enumerate(records) if any(cell.strip() for cell in record)), None)
+    if first is None:
+        raise ValidationFailed(
+            "the AgentMap CSV is empty",
+            details=[{"loc": "row 1", "msg": "the CSV is empty (expected a header row naming AgentMap's columns)"}],
+        )
+    header_row = first + 1
+    header = records[first]
     columns: list[str | None] = []
     for cell in header:
         name = _BY_CANONICAL.get(_canonical(cell))
         if name is not None and name in columns:
-            errors.add(1, name, "column appears twice in the header")
+            errors.add(header_row, name, "column appears twice in the header")
         elif name is None and cell.strip():
-            issues.append(ImportIssue(1, cell.strip(), "", "not an AgentMap column; its values are ignored"))
+            issues.append(ImportIssue(header_row, cell.strip(), "", "not an AgentMap column; its values are ignored"))
         columns.append(name)
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
-        errors.add(1, None, f"missing required column(s) {', '.join(missing)} (the first row must be the header)")
+        errors.add(header_row, None, f"missing required column(s) {', '.join(missing)} (the first row is the header)")
     errors.raise_if_any("the AgentMap CSV is malformed")
 
     rows: list[_Row] = []
-    for number, record in enumerate(records[1:], start=2):
+    for number, record in enumerate(records[first + 1 :], start=header_row + 1):
         if not any(cell.strip() for cell in record):
             continue  # blank line
-        extra = record[len(columns) :]
-        if any(cell.strip() for cell in extra):
+        if any(cell.strip() for cell in record[len(columns) :]):
+            # Kept (its first cells still define the node) so that routes to it are not
+            # reported as unknown on top of this error.
             errors.add(number, None, f"{len(record)} values but the header has {len(columns)} columns")
-            continue
         cells = {col: cell.strip() for col, cell in zip(columns, record, strict=False) if col is not None}
-        for col in REQUIRED_COLUMNS:
-            if not cells.get(col):
-                errors.add(number, col, "is empty")
-        rows.append(_Row(number, cells))
-    errors.raise_if_any("the AgentMap CSV is malformed")
+        empty = [col for col in REQUIRED_COLUMNS if not cells.get(col)]
+        for col in empty:
+            errors.add(number, col, "is empty")
+        if not empty:
+            rows.append(_Row(number, cells))
     return rows
 
 
-def _select(rows: list[_Row], graph: str | None) -> tuple[str, list[_Row]]:
+def _select(rows: list[_Row], graph: str | None, errors: _Errors) -> tuple[str, list[_Row]]:
     graphs: dict[str, list[_Row]] = {}
     for row in rows:
         graphs.setdefault(row.get("GraphName"), []).append(row)
     names = ", ".join(graphs)
     if not graphs:
-        raise ValidationFailed("the AgentMap CSV has no nodes", details=[{"loc": "csv", "msg": "no data rows"}])
+        errors.add(None, None, "no nodes: every data row is blank or malformed")
+        errors.raise_if_any("the AgentMap CSV has no nodes")
     if graph is None:
         if len(graphs) > 1:
-            raise ValidationFailed(
-                "the AgentMap CSV holds several graphs; choose one",
-                details=[{"loc": "graph", "msg": f"several graphs in the CSV, choose one of: {names}"}],
-            )
+            errors.add(None, "graph", f"several graphs in the CSV, choose one of: {names}")
+            errors.raise_if_any("the AgentMap CSV holds several graphs; choose one")
         graph = next(iter(graphs))
     if graph not in graphs:
-        raise ValidationFailed(
-            f"no graph '{graph}' in the AgentMap CSV",
-            details=[{"loc": "graph", "msg": f"no graph named '{graph}' (graphs: {names})"}],
-        )
+        errors.add(None, "graph", f"no graph named '{graph}' (graphs: {names})")
+        errors.raise_if_any(f"no graph '{graph}' in the AgentMap CSV")
     return graph, graphs[graph]
 
 
@@ -243,10 +245,9 @@ def _parse_route(row: _Row, column: str, nodes: dict[str, _Node], errors: _Error
     value = row.get(column)
     if not value:
         return None
-    func = _FUNC.fullmatch(value)
-    if func is not None:
-        name = func.group(1).strip()
-        if "|" in name or not name:
+    if value.startswith("func:"):
+        name = value.removeprefix("func:").strip()
+        if not name or "|" in name:
             errors.add(row.number, column, f"'{value}': a routing function is one 'func:name', alone in its cell")
             return None
         return _Route(column, value, func=name)
@@ -357,8 +358,7 @@ class _Importer:
 
     # --- structure ---
 
-    def build_graph(self) -> None:
-        errors = _Errors()
+    def build_graph(self, errors: _Errors) -> None:
         for row in self.rows:
             name = row.get("Node")
             if name in self.nodes:
@@ -650,6 +650,8 @@ class _Importer:
             router = self.routers.get(node.name)
             if router is not None:
                 st["router"] = router.func
+                # A plain Success_Next beside the function is only an argument to it in AgentMap.
+                unused = node.success.value if node.success is not None and node.success.targets else ""
                 self.issue(
                     node.row,
                     router.column,
@@ -657,7 +659,8 @@ class _Importer:
                     f"AgentMap calls routing function '{router.func}' after every outcome with (state, "
                     "success target, failure target); it becomes this state's router, which AgentFlow calls after "
                     "a success with (output, scope) and which returns a state name: port it and register it in "
-                    "the 'agentflow.routing' entry-point group",
+                    "the 'agentflow.routing' entry-point group"
+                    + (f"; Success_Next '{unused}' is not used, the router picks the next state" if unused else ""),
                 )
             elif node.success is not None and node.success.targets:
                 st["on_success"] = self.nodes[node.success.targets[0]].state
@@ -785,10 +788,11 @@ def import_agentmap(csv_text: str, graph: str | None = None) -> ImportResult:
     CSV cannot be converted.
     """
     issues: list[ImportIssue] = []
-    rows = _read(csv_text, issues)
-    graph, selected = _select(rows, graph)
+    errors = _Errors()
+    rows = _read(csv_text, issues, errors)
+    graph, selected = _select(rows, graph, errors)
     imp = _Importer(graph, selected, issues)
-    imp.build_graph()
+    imp.build_graph(errors)
     imp.drop_unreachable()
     if imp.kind == "dag":
         imp.check_acyclic()

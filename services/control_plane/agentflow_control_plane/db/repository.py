@@ -197,8 +197,8 @@ class TenantRepository:
         conn = await self.connection()
         await conn.execute(
             text(
-                "UPDATE runs SET status = 'cancelled', finished_at = now(), error = 'cancelled by request', wake_at = NULL "
-                "WHERE id = :id AND tenant_id = :tenant"
+                "UPDATE runs SET status = 'cancelled', finished_at = now(), error = 'cancelled by request',"
+                " wake_at = NULL WHERE id = :id AND tenant_id = :tenant"
             ),
             {"id": run_id, "tenant": self.tenant},
         )
