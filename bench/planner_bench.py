@@ -84,9 +84,10 @@ def fsm_transition(n: int) -> dict[str, float]:
 
 
 def bt_spec_100() -> dict[str, Any]:
-    """100 nodes: a root reactive_sequence over 10 branches of 9-10 nodes each."""
+    """100 nodes: a root parallel over 9 branches of 11 nodes (sequence, conditions,
+    parallel actions, retry, inverter)."""
     branches = []
-    for b in range(10):
+    for b in range(9):
         branches.append(
             {
                 "type": "sequence",
@@ -146,6 +147,36 @@ def bt_tick(n: int) -> dict[str, float]:
     return out
 
 
+def bt_reactive_tick(n: int) -> dict[str, float]:
+    """Worst case: a reactive_sequence re-checks 96 conditions on every tick (here: the
+    result of one of two parallel actions arrives)."""
+    children: list[dict[str, Any]] = [{"type": "condition", "check": f"input.limit > {i}"} for i in range(96)]
+    children.append(
+        {
+            "type": "parallel",
+            "children": [{"type": "action", "name": f"act{i}", "agent": "worker"} for i in range(2)],
+        }
+    )
+    doc = {
+        "name": "bench-bt-reactive",
+        "agents": {"worker": {"type": "echo"}},
+        "planner": {"type": "behavior_tree", "root": {"type": "reactive_sequence", "children": children}},
+    }
+    planner = planner_for(parse_workflow(doc))
+    run_input = {"limit": 1000}
+    started = planner.start(run_input, 0)
+    result = StepResult(started.dispatch[0].seq, "succeeded", {"ok": True})
+
+    def tick() -> None:
+        decision = planner.on_result(started.state, result, run_input, 0)
+        assert decision.outcome is None and not decision.ignored
+
+    tick()
+    out = _stats(_time(tick, n))
+    out["nodes"] = count_nodes(doc["planner"]["root"])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000, help="samples per measure")
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": platform.processor()},
         "fsm_transition_cel_us": fsm_transition(args.n),
         "bt_tick_100_nodes_us": bt_tick(max(args.n // 4, 1000)),
+        "bt_tick_reactive_96_conditions_us": bt_reactive_tick(max(args.n // 20, 200)),
         "targets": {"fsm_transition_cel_us.median_us": 10, "bt_tick_100_nodes_us.median_us": 200},
     }
     text = json.dumps(summary, indent=2)

@@ -75,6 +75,12 @@ class Scope:
     #: agent name -> name of the node that produced its most recent output
     agent_latest: Mapping[str, str] = field(default_factory=dict)
     extras: Mapping[str, Any] = field(default_factory=dict)
+    # CEL variables converted so far for this scope. A scope stands for one snapshot of
+    # the run's data (planners build a new one when it changes), so every expression
+    # evaluated against it can share them: converting a value into CEL costs far more
+    # than evaluating.
+    cel_context: Any = field(default=None, repr=False, compare=False)
+    cel_bound: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def resolve(self, name: str) -> tuple[bool, Any]:
         if name == "input":
@@ -181,21 +187,33 @@ class Expression:
         return refs
 
     def _run_cel(self, program: Any, scope: Scope) -> Any:
-        context: dict[str, Any] = {}
+        context = scope.cel_context
+        if context is None:
+            context = scope.cel_context = cel.Context()
+        bound = scope.cel_bound
         fields = self._fields
         for name in self.variables:
-            found, value = scope.resolve(name)
-            if not found:
-                continue
             flat = fields.get(name)
             if flat is None:
-                context[name] = _as_cel(value)
-            elif isinstance(value, dict):
+                if name in bound:
+                    continue
+                bound.add(name)
+                found, value = scope.resolve(name)
+                if found:
+                    context.add_variable(name, _as_cel(value))
+                continue
+            resolved: tuple[bool, Any] | None = None
+            for field_name, var in flat:
+                if var in bound:
+                    continue
+                bound.add(var)
+                if resolved is None:
+                    resolved = scope.resolve(name)
+                found, value = resolved
                 # Only the fields the expression reads, as flat variables: converting a
                 # map into CEL costs per entry, a scalar almost nothing.
-                for field, var in flat:
-                    if field in value:
-                        context[var] = _as_cel(value[field])
+                if found and isinstance(value, dict) and field_name in value:
+                    context.add_variable(var, _as_cel(value[field_name]))
         try:
             value = program.execute(context)
         except KeyError as exc:
