@@ -470,15 +470,19 @@ class _Importer:
         states: set[str] = set()
         agents: set[str] = set()
         for name, node in self.nodes.items():
-            node.state = _unique(_state_name(name), states)
+            base = _state_name(name)
+            node.state = _unique(base, states)
             # Agent names must start with a letter or digit.
             node.agent = _unique(node.state.lstrip("_")[:128] or "agent", agents)
             if node.state != name or node.agent != name:
-                why = (
-                    f"'{name}' is a reserved name in AgentFlow"
-                    if re.sub(r"[^A-Za-z0-9_]", "_", name) in _RESERVED_STATES
-                    else "state names must be identifiers (letters, digits, _) that expressions can read"
-                )
+                if re.sub(r"[^A-Za-z0-9_]", "_", name) in _RESERVED_STATES:
+                    why = f"'{name}' is a reserved name in AgentFlow"
+                elif node.state != base:
+                    why = f"'{base}' is taken by another node"
+                elif node.state != name:
+                    why = "state names must be identifiers (letters, digits, _) that expressions can read"
+                else:
+                    why = "agent names start with a letter or digit"
                 self.issue(node.row, "Node", name, f"renamed: state '{node.state}', agent '{node.agent}' ({why})")
         workflow = re.sub(r"[^A-Za-z0-9_.-]", "_", self.graph).lstrip("_.-")[:128] or "agentmap"
         if workflow != self.graph:
