@@ -703,23 +703,14 @@ class _Importer:
             if edges:
                 sources = list(dict.fromkeys(e.src for e in edges))
                 step["depends_on"] = [self.nodes[s].state for s in sources]
+                # The condition encodes which routes lead here (success, failure): it
+                # decides whatever the dependencies' outcome.
+                step["trigger"] = "all_done"
                 step["condition"] = self.dag_condition(sources, edges)
             mapping = self.input_mapping(node, producers)
             if mapping:
                 step["input"] = mapping
             steps[node.state] = step
-        for node in self.nodes.values():
-            route = node.failure
-            if route is not None and route.targets:
-                targets = ", ".join(f"'{t}'" for t in route.targets)
-                self.issue(
-                    node.row,
-                    route.column,
-                    route.value,
-                    f"the route to {targets} after a failure does not run yet: a DAG step whose dependency failed "
-                    "is skipped ('upstream failed') before its condition is checked; the condition "
-                    f'steps.{node.state}.status == "failed" states the intent',
-                )
         return {
             "type": "dag",
             "steps": self.final_last(steps),

@@ -727,3 +727,35 @@ def test_runs_always_end_when_every_step_finishes(spec: dict[str, Any], events: 
     assert all(rec["status"] in ("succeeded", "failed", "skipped") for rec in d.state["steps"].values()) or (
         d.outcome.status == "failed"
     )
+
+
+def test_trigger_all_done_runs_an_error_handler_after_a_failure() -> None:
+    from agentflow_core.planners import StepResult, planner_for
+    from agentflow_core.spec import parse_workflow
+
+    spec = parse_workflow(
+        {
+            "name": "handler",
+            "agents": {"a": {"type": "echo"}, "h": {"type": "echo"}},
+            "planner": {
+                "type": "dag",
+                "success_policy": "final_node",
+                "steps": [
+                    {"name": "charge", "agent": "a"},
+                    {
+                        "name": "handle",
+                        "agent": "h",
+                        "depends_on": ["charge"],
+                        "trigger": "all_done",
+                        "condition": 'steps.charge.status == "failed"',
+                    },
+                ],
+            },
+        }
+    )
+    planner = planner_for(spec)
+    first = planner.start(None, 0)
+    second = planner.on_result(first.state, StepResult(first.dispatch[0].seq, "failed", None, "card declined"), None, 0)
+    assert [r.state for r in second.dispatch] == ["handle"]
+    ok = planner.on_result(first.state, StepResult(first.dispatch[0].seq, "succeeded", 1), None, 0)
+    assert not ok.dispatch and ok.outcome is not None and ok.outcome.status == "failed"  # final step skipped

@@ -178,6 +178,9 @@ class _Step:
     input_mapping: CompiledMapping | None
     input_literal: Any
     output: CompiledMapping | None
+    #: "all_success": a failed dependency skips the step; "all_done": any outcome of the
+    #: dependencies lets the step's condition decide (error handlers, joins)
+    trigger: str = "all_success"
 
 
 def _step_refs(expr: Expression) -> set[str]:
@@ -341,6 +344,7 @@ class DagPlanner(PlannerImpl):
             input_mapping=input_mapping,
             input_literal=literal_inputs.get(name),
             output=output,
+            trigger=step.trigger,
         )
 
     def _check_refs(
@@ -614,7 +618,7 @@ class _Work:
             if any(self.steps[d]["status"] not in _FINISHED for d in step.deps):
                 continue
             changed = True
-            blocker = self._blocked_by(name)
+            blocker = self._blocked_by(name) if step.trigger == "all_success" else None
             if blocker is not None:
                 self.set(name, {"status": "skipped", "runs": 0, "reason": UPSTREAM_FAILED, "upstream": blocker})
                 if self.p._policy == "critical_nodes" and name in self.p._critical:

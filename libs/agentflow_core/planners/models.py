@@ -152,6 +152,9 @@ class DagStep(BaseModel):
     agent: str | None = None
     description: str | None = None
     depends_on: list[str] = Field(default_factory=list)
+    #: when the step may run: ``all_success`` (default; a failed dependency skips it) or
+    #: ``all_done`` (whatever the dependencies' outcome; the condition decides)
+    trigger: Literal["all_success", "all_done"] = "all_success"
     #: CEL text, or the seed's operator form ``{operator: equals, left: "$a.result", right: 1}``
     condition: str | dict[str, Any] | None = None
     input: Any = None
