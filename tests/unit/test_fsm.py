@@ -417,3 +417,19 @@ def test_same_events_same_decisions_and_state_survives_json(events: list[tuple[b
     first = play(False)
     assert first == play(False)
     assert [(d.dispatch, d.outcome) for d in first] == [(d.dispatch, d.outcome) for d in play(True)]
+
+
+def test_adaptive_policy_asks_an_llm_planner_with_the_failure() -> None:
+    spec = fsm(
+        {"s": {"agent": "a", "on_success": "done"}},
+        on_failure={"policy": "adaptive", "replanner": {"model": {"model": "planner-model"}}},
+    )
+    planner = planner_for(spec)
+    d = planner.start({"goal": "x"}, NOW)
+    d = planner.on_result(d.state, StepResult(1, "failed", None, "disk full on s"), {"goal": "x"}, NOW)
+    assert d.outcome is None and d.state["phase"] == "fallback"
+    [plan_step] = d.dispatch
+    assert (plan_step.seq, plan_step.agent, plan_step.state) == (2, "__planner__", "__plan__")
+    assert plan_step.inline_agent is not None and plan_step.inline_agent["type"] == "llm_plan"
+    prompt = " ".join(m["content"] for m in plan_step.payload["messages"])
+    assert "disk full on s" in prompt

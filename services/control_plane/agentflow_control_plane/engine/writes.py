@@ -57,8 +57,6 @@ class WriteSet:
     run_updates: dict[uuid.UUID, tuple[Any, ...]] = field(default_factory=dict)
     #: steps halted by a decision and not loaded in memory: cancelled if still active
     cancel_steps: list[uuid.UUID] = field(default_factory=list)
-    #: runs that ended: their remaining active steps are cancelled
-    finished_runs: list[uuid.UUID] = field(default_factory=list)
     #: messages for workers, published on the cancel subject after commit
     cancel_notices: list[dict[str, Any]] = field(default_factory=list)
 
@@ -235,18 +233,16 @@ class WriteSet:
                 )
                 + ") AS u(id, status, state, output, error, started_at, finished_at, wake_at) WHERE r.id = u.id)"
             )
-        if self.cancel_steps or self.finished_runs:
+        if self.cancel_steps:
             # Rows this statement also updates (step_updates) are excluded: a row may be
             # changed only once per statement; those were halted in memory.
             updated = [u[0] for u in self.step_updates]
             ctes.append(
                 "halted AS (UPDATE steps SET status = 'cancelled', finished_at = "
                 + arg(self.now, "timestamptz")
-                + ", next_attempt_at = NULL WHERE status IN ('queued', 'running') AND (id = ANY("
+                + ", next_attempt_at = NULL WHERE id = ANY("
                 + arg(self.cancel_steps, "uuid[]")
-                + ") OR run_id = ANY("
-                + arg(self.finished_runs, "uuid[]")
-                + ")) AND id <> ALL("
+                + ") AND status IN ('queued', 'running') AND id <> ALL("
                 + arg(updated, "uuid[]")
                 + "))"
             )
