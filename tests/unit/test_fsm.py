@@ -226,6 +226,18 @@ def test_input_and_output_mappings_and_name_precedence() -> None:
     assert d2.dispatch[0].payload["last"] == {"n": 5}
 
 
+def test_state_keeps_only_the_last_output_when_nothing_reads_earlier_ones() -> None:
+    plain = fsm({"s": {"agent": "a", "on_success": "t"}, "t": {"agent": "b", "on_success": "done"}})
+    planner = planner_for(plain)
+    d = planner.on_result(planner.start(None, NOW).state, StepResult(1, "succeeded", {"big": "x"}), None, NOW)
+    assert d.state["vars"]["outputs"] == {} and d.state["vars"]["last"] == {"big": "x"}
+    reading = fsm({"s": {"agent": "a", "on_success": "t"}, "t": {"agent": "b", "input": "s", "on_success": "done"}})
+    planner = planner_for(reading)
+    d = planner.on_result(planner.start(None, NOW).state, StepResult(1, "succeeded", {"big": "x"}), None, NOW)
+    assert d.state["vars"]["outputs"] == {"s": {"big": "x"}}
+    assert d.dispatch[0].payload["input"] == {"big": "x"}
+
+
 def test_max_visits_guards_a_loop() -> None:
     spec = fsm(
         {
@@ -317,6 +329,7 @@ def test_escalate_switches_to_fallback_plan_continuing_seqs_and_outputs() -> Non
     assert d.outcome is None and d.state["phase"] == "fallback"
     [step] = d.dispatch
     assert (step.seq, step.agent) == (2, "b")
+    assert step.payload["input"] == {}  # the fallback sees the outputs so far (s failed: none)
     d = planner.on_result(d.state, StepResult(2, "succeeded", "rescued"), None, NOW)
     assert d.outcome is not None and (d.outcome.status, d.outcome.output) == ("succeeded", "rescued")
 

@@ -169,6 +169,10 @@ class PlannerImpl:
     def start(self, run_input: Any, now_ms: int) -> Decision:
         return self.begin(run_input, now_ms, 0, empty_vars(), None)
 
+    def keep_outputs(self) -> None:
+        """Keep every output in the run variables even if this plan's own expressions
+        never read them (a fallback plan taking over may)."""
+
     def on_result(self, state: dict[str, Any], result: StepResult, run_input: Any, now_ms: int) -> Decision:
         raise NotImplementedError
 

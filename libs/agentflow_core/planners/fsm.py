@@ -73,6 +73,7 @@ class FsmPlanner(PlannerImpl):
         self._critical = frozenset(policy.critical_nodes) if isinstance(policy, CriticalNodes) else None
         self._all_nodes = policy == "all_nodes"
         self._failure = pspec.on_failure
+        self._keep_outputs = True
         self._compile(agents, checks, loc)
 
     # --- compile ---------------------------------------------------------------------
@@ -154,6 +155,7 @@ class FsmPlanner(PlannerImpl):
                 entry.chooser = Expression(folded)
         if checks.errors:
             return
+        self._keep_outputs = self._uses_outputs()
         self._check_graph(agents, checks, loc)
 
     def _edges(self, name: str) -> list[str]:
@@ -237,6 +239,30 @@ class FsmPlanner(PlannerImpl):
                 for e in st.output.expressions():
                     check(e, f"{here}.output", after)
 
+    def _uses_outputs(self) -> bool:
+        """Whether any expression can read an output other than the last one."""
+        names = set(self._spec.states) | {st.agent for st in self._states.values() if st.agent} | {"outputs"}
+        exprs: list[Expression] = []
+        for st in self._states.values():
+            exprs += [e for e, _ in st.transitions]
+            exprs += [st.condition] if st.condition is not None else []
+            for mapping in (st.input, st.output):
+                exprs += mapping.expressions() if mapping is not None else []
+        for mapping in (*self._final_outputs.values(), self._output):
+            exprs += mapping.expressions() if mapping is not None else []
+        routers = any(st.router is not None for st in self._states.values())
+        return routers or any(e.kind == "jsonpath" or e.names() & names for e in exprs)
+
+    def keep_outputs(self) -> None:
+        self._keep_outputs = True
+
+    def _record(self, variables: dict[str, Any], node: str, agent: str | None, output: Any) -> dict[str, Any]:
+        if self._keep_outputs:
+            return with_output(variables, node, agent, output)
+        # Nothing reads earlier outputs: keep only the last one, so the state (written
+        # on every step) stays the same size however long the run gets.
+        return {"outputs": {}, "agents": {}, "last": output, "last_node": node}
+
     # --- run -------------------------------------------------------------------------
 
     def begin(self, run_input: Any, now_ms: int, seq0: int, variables: dict[str, Any], failure: str | None) -> Decision:
@@ -286,11 +312,12 @@ class FsmPlanner(PlannerImpl):
             if name in self._finals:
                 return self._finish(name, state, run_input, via_error, error)
             st = self._states[name]
-            visits = state["visits"].get(name, 0) + 1
             limit = st.spec.max_visits
-            if limit is not None and visits > limit:
-                return self._fail(state, f"state '{name}' entered more than max_visits={limit} times (loop guard)")
-            state = {**state, "visits": {**state["visits"], name: visits}}
+            if limit is not None:
+                visits = state["visits"].get(name, 0) + 1
+                if visits > limit:
+                    return self._fail(state, f"state '{name}' entered more than max_visits={limit} times (loop guard)")
+                state = {**state, "visits": {**state["visits"], name: visits}}
             hops += 1
             if hops > self._max_steps:
                 return self._fail(state, runaway(self._max_steps))
@@ -367,13 +394,13 @@ class FsmPlanner(PlannerImpl):
             error = result.error or f"step '{current}' {result.status}"
             return self._failed(st, state, result.status, error, run_input, now_ms)
         output = result.output
-        variables = with_output(state["vars"], current, st.agent, output)
+        variables = self._record(state["vars"], current, st.agent, output)
         if st.output is not None:
             try:
                 output = st.output.evaluate(scope_of(variables, run_input))
             except EvaluationError as exc:
                 return self._failed(st, state, "failed", f"output mapping: {exc}", run_input, now_ms)
-            variables = with_output(state["vars"], current, st.agent, output)
+            variables = self._record(state["vars"], current, st.agent, output)
         state = {**state, "vars": variables}
         target, err = self._route_after_success(st, state, run_input)
         if target is None:

@@ -86,6 +86,8 @@ def build_planner(pspec: AnyPlannerSpec, agents: Mapping[str, Any], checks: Chec
     restarts = policy.policy == "conservative" and isinstance(pspec, BtPlannerSpec)
     if not escalates and not restarts:
         return main
+    if escalates:
+        main.keep_outputs()
     return Supervised(
         main,
         fallback if escalates else None,
