@@ -55,6 +55,9 @@ class Incoming:
     reject_reason: str | None = None
 
 
+# Steps are locked with their runs (runs first, everywhere): after waiting for a lock,
+# Postgres re-reads only the rows it locked, so an unlocked step row could be stale (a
+# step another batch just halted would come back "running").
 LOAD_SQL = (
     "SELECT s.id, s.run_id, s.tenant_id, s.seq, s.state, s.agent, s.status, s.attempt, s.max_attempts,"
     " s.attempts, s.pickups_before, s.step_hash, s.queued_at, s.started_at, s.worker,"
@@ -62,7 +65,7 @@ LOAD_SQL = (
     " EXISTS (SELECT 1 FROM envelopes e WHERE e.step_id = s.id AND e.attempt = s.attempt"
     " AND e.kind = 'result'), r.wake_at "
     "FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.id = ANY($1::uuid[]) "
-    "ORDER BY r.id FOR UPDATE OF r"
+    "ORDER BY r.id, s.id FOR UPDATE OF r, s"
 )
 
 
