@@ -308,13 +308,9 @@ def _flatten(source: str, variables: tuple[str, ...]) -> tuple[str, dict[str, li
     return _TOKENS.sub(replace, source), fields
 
 
-#: A mapping spec: a single expression, or a mapping (nested) whose string leaves are
-#: expressions and whose other leaves are literals.
-MappingSpec = str | dict[str, Any]
-
-
 class CompiledMapping:
-    """A compiled ``input`` / ``output`` mapping."""
+    """A compiled ``input`` / ``output`` mapping: a single expression, or a (nested)
+    mapping/list whose string leaves are expressions and whose other leaves are literals."""
 
     __slots__ = ("_root",)
 
@@ -358,11 +354,6 @@ class CompiledMapping:
             return node
 
         return run(self._root)
-
-
-def compile_mapping(spec: Any) -> CompiledMapping:
-    """Compile a mapping; raises :class:`ExpressionError` for the first bad expression."""
-    return CompiledMapping(spec)
 
 
 # --- the seed's operator form (TAgent pipelines) --------------------------------------

@@ -326,7 +326,7 @@ class FsmPlanner(PlannerImpl):
             # A pure decision: condition and/or router, no agent.
             target, err = self._route_after_success(st, state, run_input)
             if target is None:
-                target, via_error, error = self._error_target(st, "failed", err), True, err
+                target, via_error, error = self._error_target(st, "failed"), True, err
                 if target is None:
                     return self._fail({**state, "current": name}, err or f"state '{name}' has nowhere to go")
             name = target
@@ -380,7 +380,7 @@ class FsmPlanner(PlannerImpl):
         return st.spec.on_success, None
 
     @staticmethod
-    def _error_target(st: _State, status: str, error: str | None) -> str | None:
+    def _error_target(st: _State, status: str) -> str | None:
         if status == "timeout" and st.spec.on_timeout is not None:
             return st.spec.on_timeout
         return st.spec.on_error
@@ -418,7 +418,7 @@ class FsmPlanner(PlannerImpl):
                 return Decision(state={**state, "replans": replans, "waiting_until": until}, wake_at_ms=until)
         failed = state["failed"] if st.name in state["failed"] else [*state["failed"], st.name]
         state = {**state, "failed": failed}
-        target = self._error_target(st, status, error)
+        target = self._error_target(st, status)
         if target is None:
             return self._fail(state, error)
         return self._enter(target, state, run_input, now_ms, via_error=True, error=error)

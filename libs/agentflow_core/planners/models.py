@@ -92,7 +92,6 @@ BtControl = Literal[
 BtLeaf = Literal["action", "condition"]
 BtDecorator = Literal["inverter", "force_success", "force_failure", "retry", "repeat", "timeout"]
 BT_CONTROLS: tuple[str, ...] = BtControl.__args__  # type: ignore[attr-defined]
-BT_LEAVES: tuple[str, ...] = BtLeaf.__args__  # type: ignore[attr-defined]
 BT_DECORATORS: tuple[str, ...] = BtDecorator.__args__  # type: ignore[attr-defined]
 
 

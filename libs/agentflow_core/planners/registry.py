@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from agentflow_core.planners.base import Decision, Planner, RunOutcome, StepResult
+from agentflow_core.planners.base import Decision, Planner, StepResult
 from agentflow_core.planners.common import Checks, PlannerImpl, check_failure_policy
 from agentflow_core.planners.models import (
     BtPlannerSpec,
@@ -198,4 +198,4 @@ class Supervised(PlannerImpl):
         return self._carry(state, self._after(phase, state["restarts"], decision, run_input, now_ms))
 
 
-__all__ = ["RunOutcome", "Supervised", "build_planner", "compile_planner"]
+__all__ = ["Supervised", "build_planner", "compile_planner"]

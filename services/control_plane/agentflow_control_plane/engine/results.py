@@ -185,7 +185,7 @@ class ResultProcessor:
             runs: dict[uuid.UUID, RunRow] = {}
             for r in rows:
                 if r[1] not in runs:
-                    runs[r[1]] = RunRow(r)
+                    runs[r[1]] = RunRow.from_load(r)
             compiled = await self._specs.get_many(conn, {run.key for run in runs.values()})
             loaded: dict[uuid.UUID, list[StepRow]] = {}
             for row in steps.values():

@@ -79,34 +79,32 @@ class RunRow:
         "wake_at",
     )
 
-    def __init__(self, row: Any) -> None:
-        self.id: uuid.UUID = row[1]
-        self.status: str = row[15]
-        self.state: dict[str, Any] = row[16]
-        self.input: Any = row[17]
-        self.key = (row[2], row[18], row[19])
-        self.started_at: datetime | None = row[20]
-        self.output: Any = None
-        self.error: str | None = None
-        self.finished_at: datetime | None = None
-        self.wake_at: datetime | None = row[22]
-        self.dirty = False
-
-    @classmethod
-    def of(
-        cls,
+    def __init__(
+        self,
         run_id: uuid.UUID,
         status: str,
         state: dict[str, Any],
         run_input: Any,
         key: tuple[str, str, int],
         started_at: datetime | None,
-        wake_at: datetime | None = None,
-    ) -> RunRow:
-        row: list[Any] = [None] * 23
-        row[1], row[15], row[16], row[17] = run_id, status, state, run_input
-        row[2], row[18], row[19], row[20], row[22] = key[0], key[1], key[2], started_at, wake_at
-        return cls(row)
+        wake_at: datetime | None,
+    ) -> None:
+        self.id = run_id
+        self.status = status
+        self.state = state
+        self.input = run_input
+        self.key = key
+        self.started_at = started_at
+        self.wake_at = wake_at
+        self.output: Any = None
+        self.error: str | None = None
+        self.finished_at: datetime | None = None
+        self.dirty = False
+
+    @classmethod
+    def from_load(cls, row: Any) -> RunRow:
+        """From a row of the result path's LOAD query (step columns first)."""
+        return cls(row[1], row[15], row[16], row[17], (row[2], row[18], row[19]), row[20], row[22])
 
     def update_tuple(self) -> tuple[Any, ...]:
         return (

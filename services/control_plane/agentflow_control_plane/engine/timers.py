@@ -109,7 +109,7 @@ class Timers:
             rows = await conn.fetch(WAKE_SQL, limit)
             if not rows:
                 return 0
-            runs = [RunRow.of(r[0], r[4], r[5], r[6], (r[1], r[2], r[3]), r[7]) for r in rows]
+            runs = [RunRow(r[0], r[4], r[5], r[6], (r[1], r[2], r[3]), r[7], None) for r in rows]
             compiled = await self._specs.get_many(conn, {run.key for run in runs})
             for run in runs:
                 workflow = compiled[run.key]
