@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install up test check lint format bench clean
+.PHONY: install up test check lint format bench clean sandbox-deps
 
 install: $(VENV)/.installed
 
@@ -11,8 +11,17 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required (found %s)" % sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[embedded,dev,bench]"
+	$(BIN)/pip install --quiet -e ".[embedded,dev,bench,llm,mcp,docker]"
+	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory sandbox-deps
 	@touch $@
+
+## The process sandbox needs bubblewrap (Debian/Ubuntu package; root or sudo).
+sandbox-deps:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap \
+	  || { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap; }; \
+	else echo "install bubblewrap with your package manager (the process sandbox needs it)"; fi
 
 ## Start Postgres, NATS, a control plane and two workers; run the demo workflow; Ctrl-C stops.
 up: install

@@ -25,6 +25,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from agentflow_bus.tasks import stop_task
+
 log = logging.getLogger("agentflow.bus.pull")
 
 
@@ -68,10 +70,7 @@ class PullConsumer:
     async def stop(self) -> None:
         """Stop requesting; messages already delivered stay with the caller."""
         self._paused = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        await stop_task(self._watchdog)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

@@ -37,6 +37,20 @@ class Names:
         """Core NATS (not persisted): tells workers to stop a run's in-flight steps."""
         return f"{self.prefix}.control.cancel"
 
+    @property
+    def workers_bucket(self) -> str:
+        """KV bucket of worker heartbeats (entries expire when a worker stops beating)."""
+        return f"{stream_token(self.prefix)}_workers"
+
+    @property
+    def rate_limit_bucket(self) -> str:
+        """KV bucket of tool rate-limit state (one GCRA value per tenant and tool)."""
+        return f"{stream_token(self.prefix)}_ratelimits"
+
+    def progress_subject(self, tenant: str, run: str) -> str:
+        """Core NATS: step progress events (LLM token deltas); not persisted."""
+        return f"{self.prefix}.progress.{tenant}.{run}"
+
     @staticmethod
     def step_consumer(queue: str) -> str:
         return f"steps_{queue}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from agentflow_cli.scaffold import scaffold
 from agentflow_cli.spec_commands import COMMANDS as SPEC_COMMANDS
 
 
@@ -208,6 +209,7 @@ def run(
 
 for _command in SPEC_COMMANDS:  # validate, graph, import (offline spec tooling)
     cli.add_command(_command)
+cli.add_command(scaffold)
 
 
 def main() -> None:

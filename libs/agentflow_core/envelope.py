@@ -37,6 +37,8 @@ class AgentCall(TypedDict):
     type: str
     config: dict[str, Any]
     timeout_s: float | int | None
+    #: specs of the workflow-declared tools this agent names (absent when none)
+    tools: NotRequired[list[dict[str, Any]]]
 
 
 class StepEnvelope(TypedDict):
@@ -67,6 +69,10 @@ class ResultEnvelope(TypedDict):
     delivery: int
     started_us: int
     finished_us: int
+    #: tokens and dollars the step spent (LLM calls, tool calls); absent when nothing
+    usage: NotRequired[dict[str, Any]]
+    #: one record per tool call (tool, input/output hashes, duration, cost, outcome)
+    tool_calls: NotRequired[list[dict[str, Any]]]
     hash: NotRequired[str]
 
 
@@ -164,4 +170,8 @@ def check_result(body: dict[str, Any]) -> ResultEnvelope | StartedNotice:
     _require(body, "finished_us", int)
     if body.get("status") not in RESULT_STATUSES:
         raise EnvelopeRejected("malformed envelope: field 'status' is not a known status")
+    if "usage" in body and not isinstance(body["usage"], dict):
+        raise EnvelopeRejected("malformed envelope: field 'usage' must be an object")
+    if "tool_calls" in body and not isinstance(body["tool_calls"], list):
+        raise EnvelopeRejected("malformed envelope: field 'tool_calls' must be a list")
     return cast(ResultEnvelope, body)

@@ -13,22 +13,18 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agentflow_core.agent_configs import AGENT_CONFIGS
+from agentflow_core.agent_plugins import plugin_config, plugin_types
 from agentflow_core.canonical import content_hash
 from agentflow_core.errors import CanonicalizationError, ValidationFailed
 from agentflow_core.planners.common import Checks
 from agentflow_core.planners.models import PLANNER_TYPES, PlannerSpec, normalize_planner
 from agentflow_core.planners.registry import build_planner
+from agentflow_core.tools import ToolSpec
+from agentflow_core.tools_config import ToolsConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 QUEUE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-
-#: Agent types every worker ships, with the settings each accepts (``object``: any JSON).
-BUILTIN_AGENT_TYPES: dict[str, dict[str, type]] = {
-    "echo": {},
-    "sleep": {"ms": int},
-    "fail": {"times": int},
-    "constant": {"output": object},
-}
 
 
 class RetryPolicy(BaseModel):
@@ -89,6 +85,8 @@ class WorkflowSpec(BaseModel):
     description: str | None = None
     agents: dict[str, AgentSpec] = Field(min_length=1)
     planner: PlannerSpec
+    #: tools declared by this workflow (besides the built-in and the tools-config ones)
+    tools: list[ToolSpec] = Field(default_factory=list, max_length=200)
 
     def spec_hash(self) -> str:
         """Content hash of the normalized spec (defaults filled in)."""
@@ -109,33 +107,73 @@ def _loc(parts: tuple[int | str, ...] | list[int | str]) -> str:
     return ".".join(str(p) for p in kept)
 
 
-def _semantic_errors(spec: WorkflowSpec) -> list[dict[str, str]]:
-    errors: list[dict[str, str]] = []
+def _config_errors(name: str, agent: AgentSpec) -> list[dict[str, str]]:
+    """An agent's settings against its type's model (built in, or a plugin's ``Config``)."""
+    model = AGENT_CONFIGS.get(agent.type)
+    if model is None:
+        if agent.type not in plugin_types():
+            known = ", ".join(sorted({*AGENT_CONFIGS, *plugin_types()}))
+            return [{"loc": f"agents.{name}.type", "msg": f"unknown agent type '{agent.type}' (known: {known})"}]
+        try:
+            model = plugin_config(agent.type)
+        except Exception as exc:  # a broken plugin is the operator's problem; say which
+            return [{"loc": f"agents.{name}.type", "msg": f"agent plugin '{agent.type}' failed to load: {exc}"}]
+        if model is None:
+            return []  # the plugin declares no settings model: it checks its own
+    try:
+        model.model_validate(agent.config)
+    except ValidationError as exc:
+        return [
+            {"loc": ".".join(["agents", name, *(str(p) for p in e["loc"])]), "msg": e["msg"]}
+            for e in exc.errors(include_url=False)
+        ]
+    return []
 
-    for name, agent in spec.agents.items():
-        allowed = BUILTIN_AGENT_TYPES.get(agent.type)
-        if allowed is None:
-            known = ", ".join(sorted(BUILTIN_AGENT_TYPES))
+
+def agent_tool_ids(agent_type: str, config: dict[str, Any]) -> list[str]:
+    """The tools an agent may call: an ``llm`` agent's ``tools``, a ``tool`` agent's ``tool``."""
+    if agent_type == "llm":
+        listed = config.get("tools") or []
+        return [t for t in listed if isinstance(t, str)]
+    if agent_type == "tool" and isinstance(config.get("tool"), str):
+        return [config["tool"]]
+    return []
+
+
+def workflow_tools_of(spec: WorkflowSpec, agent_type: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Specs of the workflow-declared tools an agent names, for its step envelope."""
+    if not spec.tools:
+        return []
+    wanted = set(agent_tool_ids(agent_type, config))
+    return [t.model_dump(mode="json") for t in spec.tools if t.id in wanted]
+
+
+def _tool_errors(spec: WorkflowSpec, tools: ToolsConfig | None) -> list[dict[str, str]]:
+    """Every tool an agent names must be declared somewhere this control plane can see."""
+    config = tools or ToolsConfig()
+    known = set(config.declared())
+    errors: list[dict[str, str]] = []
+    for i, tool in enumerate(spec.tools):
+        if tool.id in known:
             errors.append(
-                {
-                    "loc": f"agents.{name}.type",
-                    "msg": f"unknown agent type '{agent.type}' (known: {known})",
-                }
+                {"loc": f"tools.{i}.id", "msg": f"tool '{tool.id}' is already declared (built in or tools config)"}
             )
-            continue
-        for key, value in agent.config.items():
-            expected = allowed.get(key)
-            if expected is None:
-                errors.append(
-                    {
-                        "loc": f"agents.{name}.{key}",
-                        "msg": f"unknown setting for a '{agent.type}' agent",
-                    }
-                )
-            elif expected is object:
+        known.add(tool.id)
+    for name, agent in spec.agents.items():
+        for j, tool_id in enumerate(agent_tool_ids(agent.type, agent.config)):
+            if tool_id in known or config.is_mcp_reference(tool_id):
                 continue
-            elif not isinstance(value, expected) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
-                errors.append({"loc": f"agents.{name}.{key}", "msg": "must be a non-negative integer"})
+            loc = f"agents.{name}.tools.{j}" if agent.type == "llm" else f"agents.{name}.tool"
+            hint = ", ".join(sorted(known))
+            errors.append({"loc": loc, "msg": f"unknown tool '{tool_id}' (declared: {hint})"})
+    return errors
+
+
+def _semantic_errors(spec: WorkflowSpec, tools: ToolsConfig | None = None) -> list[dict[str, str]]:
+    errors: list[dict[str, str]] = []
+    for name, agent in spec.agents.items():
+        errors.extend(_config_errors(name, agent))
+    errors.extend(_tool_errors(spec, tools))
 
     if errors:
         return errors
@@ -154,10 +192,14 @@ def load_document(text: str | bytes) -> Any:
         ) from exc
 
 
-def parse_workflow(source: str | bytes | dict[str, Any], *, name: str | None = None) -> WorkflowSpec:
+def parse_workflow(
+    source: str | bytes | dict[str, Any], *, name: str | None = None, tools: ToolsConfig | None = None
+) -> WorkflowSpec:
     """Validate a workflow from YAML/JSON text or a mapping.
 
     ``name`` (from the URL) fills a missing ``name`` and must match a present one.
+    ``tools`` is the installation's tools config: agents may name its tools and MCP
+    servers (without it, only built-in and workflow-declared tools are known).
     """
     data = load_document(source) if isinstance(source, str | bytes) else source
     if not isinstance(data, dict):
@@ -191,7 +233,7 @@ def parse_workflow(source: str | bytes | dict[str, Any], *, name: str | None = N
             errs = [e for e in errs if not any(str(p).startswith("literal[") for p in e["loc"])] or errs
         details = [{"loc": _loc(e["loc"]), "msg": e["msg"]} for e in errs]
         raise ValidationFailed("invalid workflow spec", details=details) from exc
-    errors = _semantic_errors(spec)
+    errors = _semantic_errors(spec, tools)
     if errors:
         raise ValidationFailed("invalid workflow spec", details=errors)
     try:

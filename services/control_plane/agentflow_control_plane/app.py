@@ -30,6 +30,7 @@ from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
 from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
 from agentflow_control_plane.state import AppState
+from agentflow_core.tools_config import load_tools_config
 
 log = logging.getLogger("agentflow.control_plane")
 
@@ -78,6 +79,7 @@ def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
         sessions=make_sessionmaker(engine),
         verifier=TokenVerifier(settings),
         specs=SpecCache(),
+        tools=load_tools_config(settings.tools_file),
     )
 
     @asynccontextmanager

@@ -43,6 +43,10 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     #: process's leftovers); younger ones belong to the process that wrote them.
     outbox_relay_after_s: float = Field(2.0, ge=0.0)
     timer_interval_s: float = Field(0.2, gt=0)
+    #: the tools config (tools, MCP servers, tenant policies) shared with the workers
+    tools_file: str = ""
+    #: a worker whose last heartbeat is older than this is listed as not alive
+    worker_dead_after_s: float = Field(15.0, gt=0)
     #: Test-only fault injection ("exit_after_commit": exit the process right after the
     #: first run-creating commit, before publishing). Refused outside dev mode.
     fault_inject: str = ""

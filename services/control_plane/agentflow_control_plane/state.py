@@ -14,6 +14,7 @@ from agentflow_control_plane.engine.results import ResultProcessor
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.settings import ControlPlaneSettings
+from agentflow_core.tools_config import ToolsConfig
 
 
 @dataclass
@@ -24,6 +25,8 @@ class AppState:
     sessions: async_sessionmaker[AsyncSession]
     verifier: TokenVerifier
     specs: SpecCache
+    #: the tools config file (the same file the workers read), for validating workflows
+    tools: ToolsConfig
     nc: Client | None = None
     dispatcher: Dispatcher | None = None
     results: ResultProcessor | None = None

@@ -21,12 +21,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from agentflow_bus.connection import connect, ensure_consumer, ensure_streams
+from agentflow_bus.kv import ensure_bucket
 from agentflow_bus.pull import PullConsumer
 from agentflow_bus.subjects import Names
 from agentflow_core.envelope import ENVELOPE_VERSION, StepEnvelope, check_step, open_envelope, seal
-from agentflow_core.errors import CanonicalizationError, EnvelopeRejected
-from agentflow_worker import metrics
-from agentflow_worker.agents import BUILTIN_AGENTS, Agent, AgentError, StepContext
+from agentflow_core.errors import AgentFlowError, CanonicalizationError, EnvelopeRejected
+from agentflow_worker import __version__, metrics
+from agentflow_worker.agents.base import Agent, AgentError, BaseAgent, StepContext
+from agentflow_worker.heartbeat import Heartbeat
+from agentflow_worker.services import WorkerServices
 from agentflow_worker.settings import WorkerSettings
 
 log = logging.getLogger("agentflow.worker")
@@ -39,10 +42,23 @@ def _now_us() -> int:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, agents: dict[str, Agent] | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        agents: dict[str, Agent] | None = None,
+        services: WorkerServices | None = None,
+    ) -> None:
         self.settings = settings
         self.names = Names(settings.nats_prefix)
-        self.agents = agents if agents is not None else dict(BUILTIN_AGENTS)
+        if agents is None:
+            from agentflow_worker.agents.registry import all_agents
+
+            agents = all_agents()
+        self.agents = agents
+        #: built in start() from the settings unless given (tests)
+        self.services = services
+        self._heartbeat: Heartbeat | None = None
+        self._started_at = time.time()
         self.nc: Client | None = None
         # One JetStream context for the process: each context owns its own reply
         # subscription for async publishes, so creating one per message would leak them.
@@ -72,6 +88,17 @@ class Worker:
             max_deliver=s.step_max_deliver,
         )
         await self.nc.subscribe(self.names.cancel_subject, cb=self._on_cancel)
+        if self.services is None:
+            from agentflow_worker.wiring import build_services
+
+            self.services = await build_services(s, self.nc, js, self.names)
+        for agent in self.agents.values():
+            if isinstance(agent, BaseAgent):
+                await agent.setup()
+        kv = await ensure_bucket(js, self.names.workers_bucket, ttl_s=max(60.0, s.worker_heartbeat_s * 6),
+                                 replicas=s.stream_replicas)  # fmt: skip
+        self._heartbeat = Heartbeat(kv, s.worker_name.replace(" ", "_"), s.worker_heartbeat_s, self.describe)
+        await self._heartbeat.start()
         self._consumer = PullConsumer(
             self.nc,
             stream=self.names.steps_stream,
@@ -83,8 +110,22 @@ class Worker:
         log.info("worker %s consuming queue '%s' (concurrency %d)", s.worker_name, s.worker_queue,
                  s.worker_concurrency)  # fmt: skip
 
-    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "id": s.worker_name,
+            "version": __version__,
+            "queues": [s.worker_queue],
+            "concurrency": s.worker_concurrency,
+            "in_flight": len(self._tasks),
+            "agent_types": sorted(self.agents),
+            "started_at": self._started_at,
+        }
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop taking steps, let running ones finish (up to the timeout), then leave."""
+        if drain_timeout_s is None:
+            drain_timeout_s = self.settings.worker_drain_timeout_s
         self._stopping = True
         if self._consumer is not None:
             await self._consumer.stop()
@@ -94,6 +135,15 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()
+        for agent in self.agents.values():
+            if isinstance(agent, BaseAgent):
+                with contextlib.suppress(Exception):
+                    await agent.close()
+        if self.services is not None:
+            with contextlib.suppress(Exception):
+                await self.services.aclose()
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 5)
@@ -217,6 +267,8 @@ class Worker:
             agent_name=agent_call["name"],
             config=agent_call["config"],
             payload=step["payload"],
+            workflow_tools=agent_call.get("tools", []),
+            services=self.services,
         )
         # Most steps finish before the notice is due: a timer is cheaper than a task.
         keepalive: list[asyncio.Task[None]] = []
@@ -234,25 +286,45 @@ class Worker:
                 status, error = "failed", f"this worker has no agent of type '{agent_type}'"
             else:
                 timeout = agent_call.get("timeout_s")
+                hooks = agent if isinstance(agent, BaseAgent) else None
+                failure: BaseException | None = None
                 try:
                     async with asyncio.timeout(timeout):
+                        if hooks is not None:
+                            await hooks.on_start(ctx)
                         output = await agent.run(ctx)
-                except TimeoutError:
+                except TimeoutError as exc:
+                    failure = exc
                     status, error = (
                         "timeout",
                         f"agent '{ctx.agent_name}' timed out after {timeout}s",
                     )
                 except AgentError as exc:
+                    failure = exc
                     status, error = "failed", str(exc) or type(exc).__name__
+                except AgentFlowError as exc:
+                    failure = exc
+                    status, error = "failed", exc.message
                 except Exception as exc:
+                    failure = exc
                     log.exception("agent %s raised", ctx.agent_name)
                     status, error = "failed", f"{type(exc).__name__}: {exc}"
+                if hooks is not None:
+                    try:
+                        await hooks.on_finish(ctx, output, failure)
+                    except Exception:
+                        log.exception("on_finish of agent %s raised", ctx.agent_name)
         finally:
             timer.cancel()
             for task in keepalive:
                 task.cancel()
         metrics.DURATION.labels(agent_type).observe(time.perf_counter() - began)
         result = self._result_body(dict(step), digest, msg, status, output, error, started_us)
+        usage = ctx.meter.summary()
+        if usage is not None:
+            result["usage"] = usage
+        if ctx.meter.tool_calls:
+            result["tool_calls"] = ctx.meter.tool_calls
         if not await self._publish_result(step["tenant"], result, msg):
             return  # not acked: JetStream redelivers the step
         metrics.STEPS.labels(agent_type, result["status"]).inc()
@@ -324,6 +396,8 @@ class Worker:
 
 
 async def run_worker(settings: WorkerSettings, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set (SIGTERM/SIGINT), then drain: no new steps, running ones
+    finish (up to ``worker_drain_timeout_s``), the rest go back to JetStream at once."""
     worker = Worker(settings)
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server

@@ -19,11 +19,16 @@ from agentflow_control_plane.api.schemas import (
     RunStatus,
     RunSummaryOut,
     StepOut,
+    ToolCallOut,
+    UsageOut,
+    WorkerOut,
     WorkflowOut,
     WorkflowVersionOut,
 )
-from agentflow_control_plane.db.models import Run, Step
+from agentflow_control_plane.db.models import Run, Step, ToolCall
+from agentflow_control_plane.db.repository import TenantRepository
 from agentflow_control_plane.services import runs as run_service
+from agentflow_control_plane.services import worker_registry
 from agentflow_control_plane.services import workflows as workflow_service
 from agentflow_core.spec import NAME_PATTERN
 
@@ -58,7 +63,9 @@ def _step_out(step: Step) -> StepOut:
     )
 
 
-def _run_out(run: Run, steps: list[Step]) -> RunOut:
+async def _run_out(repo: TenantRepository, run: Run) -> RunOut:
+    steps = await repo.get_steps(run.id)
+    prompt, completion, cost = await repo.run_usage(run.id)
     return RunOut(
         id=run.id,
         workflow=run.workflow_name,
@@ -71,6 +78,7 @@ def _run_out(run: Run, steps: list[Step]) -> RunOut:
         started_at=run.started_at,
         finished_at=run.finished_at,
         steps=[_step_out(s) for s in steps],
+        usage=UsageOut(prompt_tokens=prompt, completion_tokens=completion, cost_usd=f"{cost:f}"),
         planner_state=run.planner_state,
     )
 
@@ -89,7 +97,7 @@ _WORKFLOW_BODY = {
 @router.put("/workflows/{name}", response_model=WorkflowVersionOut, openapi_extra=_WORKFLOW_BODY)
 async def put_workflow(name: WorkflowName, request: Request, caller: Writer) -> WorkflowVersionOut:
     """Register a workflow from a YAML or JSON body. A changed spec becomes a new version."""
-    stored = await workflow_service.put_workflow(caller.repo, name, await request.body())
+    stored = await workflow_service.put_workflow(caller.repo, name, await request.body(), caller.state.tools)
     return WorkflowVersionOut(
         name=stored.name, version=stored.version, spec_hash=stored.spec_hash, created=stored.created
     )
@@ -164,8 +172,27 @@ async def list_runs(
 
 @router.get("/runs/{run_id}", response_model=RunOut)
 async def get_run(run_id: uuid.UUID, caller: Reader) -> RunOut:
-    run = await caller.repo.get_run(run_id)
-    return _run_out(run, await caller.repo.get_steps(run_id))
+    return await _run_out(caller.repo, await caller.repo.get_run(run_id))
+
+
+@router.get("/runs/{run_id}/tool-calls", response_model=list[ToolCallOut])
+async def get_tool_calls(run_id: uuid.UUID, caller: Reader) -> list[ToolCallOut]:
+    """Every tool call the run's steps made, in order, with its outcome and cost."""
+    return [_tool_call_out(c) for c in await caller.repo.get_tool_calls(run_id)]
+
+
+def _tool_call_out(c: ToolCall) -> ToolCallOut:
+    return ToolCallOut(
+        step=c.step_id, attempt=c.attempt, tool=c.tool, agent=c.agent, outcome=c.outcome, error=c.error,
+        input_hash=c.input_hash, output_hash=c.output_hash, duration_ms=c.duration_ms,
+        cost_usd=f"{c.cost_usd:f}", started_at=c.started_at,
+    )  # fmt: skip
+
+
+@router.get("/workers", response_model=list[WorkerOut])
+async def list_workers(caller: Reader) -> list[WorkerOut]:
+    """Workers that sent a heartbeat recently, with their queues and load."""
+    return await worker_registry.list_workers(caller.state)
 
 
 @router.get("/runs/{run_id}/envelopes", response_model=list[EnvelopeOut])
@@ -199,4 +226,4 @@ async def cancel_run(run_id: uuid.UUID, caller: Writer) -> RunOut:
     if state.nc is not None and state.nc.is_connected:
         # Best effort: workers stop the run's in-flight steps; late results are ignored anyway.
         await state.nc.publish(state.names.cancel_subject, orjson.dumps({"run": str(run_id)}))
-    return _run_out(run, await repo.get_steps(run_id))
+    return await _run_out(repo, run)

@@ -62,6 +62,39 @@ class StepOut(BaseModel):
     error: str | None
 
 
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    #: dollars as a decimal string (exact; JSON numbers are binary floats)
+    cost_usd: str
+
+
+class ToolCallOut(BaseModel):
+    step: uuid.UUID
+    attempt: int
+    tool: str
+    agent: str
+    outcome: str
+    error: str | None
+    input_hash: str | None
+    output_hash: str | None
+    duration_ms: float
+    cost_usd: str
+    started_at: datetime
+
+
+class WorkerOut(BaseModel):
+    id: str
+    version: str
+    queues: list[str]
+    concurrency: int
+    in_flight: int
+    agent_types: list[str]
+    started_at: datetime
+    last_seen: datetime
+    alive: bool
+
+
 class RunOut(BaseModel):
     id: uuid.UUID
     workflow: str
@@ -74,6 +107,7 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     steps: list[StepOut]
+    usage: UsageOut = Field(description="Tokens and dollars the run's steps reported (every attempt counts)")
     planner_state: Any = Field(
         None, description="The planner's state: current FSM state, tree node statuses, DAG progress, the LLM plan"
     )

@@ -13,10 +13,13 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
+    Numeric,
+    PrimaryKeyConstraint,
     String,
     Text,
     func,
@@ -156,6 +159,52 @@ class Envelope(Base):
     hash: Mapped[str] = mapped_column(String(80))
     body: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class StepUsage(Base):
+    """Tokens and dollars one delivery of a step reported (from its result envelope)."""
+
+    __tablename__ = "step_usage"
+    __table_args__ = (PrimaryKeyConstraint("step_id", "attempt", "delivery"), Index("ix_step_usage_run", "run_id"))
+
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"))
+    step_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    attempt: Mapped[int] = mapped_column(Integer)
+    delivery: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(255))
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_usd: Mapped[Any] = mapped_column(Numeric(20, 10))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ToolCall(Base):
+    """One tool call, as the worker's tool runtime recorded it."""
+
+    __tablename__ = "tool_calls"
+    __table_args__ = (
+        Index("ix_tool_calls_run", "run_id", "id"),
+        Index("uq_tool_calls_call", "step_id", "attempt", "delivery", "ordinal", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"))
+    step_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    attempt: Mapped[int] = mapped_column(Integer)
+    delivery: Mapped[int] = mapped_column(Integer)
+    ordinal: Mapped[int] = mapped_column(Integer)
+    tool: Mapped[str] = mapped_column(String(256))
+    agent: Mapped[str] = mapped_column(String(128))
+    input_hash: Mapped[str | None] = mapped_column(String(80))
+    output_hash: Mapped[str | None] = mapped_column(String(80))
+    duration_ms: Mapped[float] = mapped_column(Float)
+    cost_usd: Mapped[Any] = mapped_column(Numeric(20, 10))
+    outcome: Mapped[str] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Outbox(Base):

@@ -10,14 +10,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from agentflow_control_plane.db.models import Envelope, Run, Step, Workflow, WorkflowVersion
+from agentflow_control_plane.db.models import Envelope, Run, Step, StepUsage, ToolCall, Workflow, WorkflowVersion
 from agentflow_control_plane.db.session import driver
 from agentflow_core.errors import NotFound
 
@@ -187,6 +188,29 @@ class TenantRepository:
                 select(Envelope)
                 .where(Envelope.tenant_id == self.tenant, Envelope.run_id == run_id)
                 .order_by(Envelope.id)
+            )
+        )
+
+    async def run_usage(self, run_id: uuid.UUID) -> tuple[int, int, Decimal]:
+        """(prompt tokens, completion tokens, dollars) a run's steps reported, all attempts."""
+        row = (
+            await self.session.execute(
+                select(
+                    func.coalesce(func.sum(StepUsage.prompt_tokens), 0),
+                    func.coalesce(func.sum(StepUsage.completion_tokens), 0),
+                    func.coalesce(func.sum(StepUsage.cost_usd), 0),
+                ).where(StepUsage.tenant_id == self.tenant, StepUsage.run_id == run_id)
+            )
+        ).one()
+        return int(row[0]), int(row[1]), Decimal(row[2])
+
+    async def get_tool_calls(self, run_id: uuid.UUID) -> list[ToolCall]:
+        await self.get_run(run_id)
+        return list(
+            await self.session.scalars(
+                select(ToolCall)
+                .where(ToolCall.tenant_id == self.tenant, ToolCall.run_id == run_id)
+                .order_by(ToolCall.id)
             )
         )
 

@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from agentflow_bus.tasks import stop_tasks
 from agentflow_control_plane import metrics
 from agentflow_control_plane.engine.writes import OutMsg, traceparent_for
 
@@ -45,11 +46,7 @@ class Dispatcher:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         await self._delete_published()
 
     async def publish(self, messages: list[OutMsg]) -> bool:

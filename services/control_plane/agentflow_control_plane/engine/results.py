@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from agentflow_bus.connection import ensure_consumer
 from agentflow_bus.pull import PullConsumer
 from agentflow_bus.subjects import Names
+from agentflow_bus.tasks import stop_task
 from agentflow_control_plane import metrics
 from agentflow_control_plane.db.session import pg_transaction
 from agentflow_control_plane.engine.decisions import apply_decision, now_ms, publish_cancels
@@ -114,10 +115,7 @@ class ResultProcessor:
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         if self._running:
             # Let batches in flight commit (or fail and be redelivered) before leaving.
             await asyncio.wait(self._running, timeout=10)
@@ -248,6 +246,8 @@ class ResultProcessor:
                     item.digest,
                     item.raw,
                 )
+                if "usage" in body or "tool_calls" in body:
+                    writes.add_spend(step.run_id, step.id, body)
                 if not current or step.status not in ACTIVE or run.status in FINAL_RUN:
                     continue  # late result of a superseded attempt or a finished run: recorded only
                 step.has_result = True

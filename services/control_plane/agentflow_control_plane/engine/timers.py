@@ -15,7 +15,6 @@ run this loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime
 
@@ -24,6 +23,7 @@ from nats.aio.client import Client
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from agentflow_bus.subjects import Names
+from agentflow_bus.tasks import stop_task
 from agentflow_control_plane.db.session import pg_transaction
 from agentflow_control_plane.engine.decisions import apply_decision, from_ms, now_ms, publish_cancels
 from agentflow_control_plane.engine.dispatcher import Dispatcher
@@ -71,10 +71,7 @@ class Timers:
         self._task = asyncio.create_task(self._loop(), name="timers")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
 
     async def dispatch_due_retries(self, limit: int = 500) -> int:
         now = datetime.now(UTC)

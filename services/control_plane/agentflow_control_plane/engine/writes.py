@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -19,7 +19,7 @@ import orjson
 from agentflow_bus.subjects import Names
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
-from agentflow_core.spec import WorkflowSpec, inline_agent
+from agentflow_core.spec import WorkflowSpec, inline_agent, workflow_tools_of
 
 
 def step_id_for(run_id: uuid.UUID, seq: int) -> uuid.UUID:
@@ -49,6 +49,9 @@ class WriteSet:
     now: datetime
     new_steps: list[tuple[Any, ...]] = field(default_factory=list)
     envelopes: list[tuple[Any, ...]] = field(default_factory=list)
+    #: what result envelopes report having spent, and the tool calls they made
+    usages: list[tuple[Any, ...]] = field(default_factory=list)
+    tool_calls: list[tuple[Any, ...]] = field(default_factory=list)
     outbox: list[OutMsg] = field(default_factory=list)
     # (id, status, attempt, attempts, pickups_before, worker, started_at, finished_at,
     #  next_attempt_at, output_json, error, step_hash, result_hash, queued_at)
@@ -71,6 +74,27 @@ class WriteSet:
         body: bytes,
     ) -> None:
         self.envelopes.append((tenant, run_id, step_id, attempt, kind, digest, body))
+
+    def add_spend(self, run_id: uuid.UUID, step_id: uuid.UUID, body: dict[str, Any]) -> None:
+        """Record a result envelope's ``usage`` and ``tool_calls`` (already shape-checked)."""
+        attempt, delivery = body["attempt"], body["delivery"]
+        usage = body.get("usage")
+        if usage:
+            self.usages.append(
+                (body["tenant"], run_id, step_id, attempt, delivery, body["worker"],
+                 _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
+                 str(_money(usage.get("cost_usd"))), orjson.dumps(usage).decode())
+            )  # fmt: skip
+        for ordinal, call in enumerate(body.get("tool_calls") or ()):
+            if not isinstance(call, dict):
+                continue
+            self.tool_calls.append(
+                (body["tenant"], run_id, step_id, attempt, delivery, ordinal, str(call.get("tool", "?"))[:256],
+                 str(call.get("agent", ""))[:128], _str_or_none(call.get("input_hash")),
+                 _str_or_none(call.get("output_hash")), float(_money(call.get("duration_ms"))),
+                 str(_money(call.get("cost_usd"))), str(call.get("outcome", "?"))[:32],
+                 _str_or_none(call.get("error")), datetime.fromtimestamp(_int(call.get("started_us")) / 1e6, UTC))
+            )  # fmt: skip
 
     def dispatch_attempt(
         self,
@@ -100,6 +124,15 @@ class WriteSet:
     def new_step(self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest) -> None:
         agent = spec.agents[req.agent] if req.inline_agent is None else inline_agent(req.inline_agent)
         step_id = step_id_for(run_id, req.seq)
+        agent_call: dict[str, Any] = {
+            "name": req.agent,
+            "type": agent.type,
+            "config": agent.config,
+            "timeout_s": agent.timeout_s,
+        }
+        tools = workflow_tools_of(spec, agent.type, agent.config)
+        if tools:
+            agent_call["tools"] = tools
         body = {
             "v": ENVELOPE_VERSION,
             "kind": "step",
@@ -108,12 +141,7 @@ class WriteSet:
             "step": str(step_id),
             "seq": req.seq,
             "attempt": 1,
-            "agent": {
-                "name": req.agent,
-                "type": agent.type,
-                "config": agent.config,
-                "timeout_s": agent.timeout_s,
-            },
+            "agent": agent_call,
             "payload": req.payload,
         }
         digest = self.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body)
@@ -246,6 +274,19 @@ class WriteSet:
                 + arg(updated, "uuid[]")
                 + "))"
             )
+        if self.usages:
+            ctes.append(
+                "new_usage AS (INSERT INTO step_usage (tenant_id, run_id, step_id, attempt, delivery, worker,"
+                " prompt_tokens, completion_tokens, cost_usd, detail) SELECT * FROM unnest("
+                + columns(self.usages, USAGE_CASTS)
+                + ") ON CONFLICT DO NOTHING)"
+            )
+        if self.tool_calls:
+            ctes.append(
+                "new_tool_calls AS (INSERT INTO tool_calls (tenant_id, run_id, step_id, attempt, delivery, ordinal,"
+                " tool, agent, input_hash, output_hash, duration_ms, cost_usd, outcome, error, started_at)"
+                " SELECT * FROM unnest(" + columns(self.tool_calls, TOOL_CALL_CASTS) + ") ON CONFLICT DO NOTHING)"
+            )
         if self.envelopes:
             ctes.append(
                 "new_envelopes AS (INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
@@ -276,6 +317,25 @@ class WriteSet:
             for msg, outbox_id in zip(self.outbox, row[1], strict=True):
                 msg.outbox_id = outbox_id
         return bool(row[0])
+
+
+USAGE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "int[]", "text[]", "bigint[]", "bigint[]", "numeric[]",
+               "jsonb[]")  # fmt: skip
+TOOL_CALL_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "int[]", "int[]", "text[]", "text[]", "text[]", "text[]",
+                   "float8[]", "numeric[]", "text[]", "text[]", "timestamptz[]")  # fmt: skip
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def _money(value: Any) -> float:
+    # Workers are trusted but their numbers are still data: never let a bad one fail a batch.
+    return float(value) if type(value) in (int, float) and value >= 0 else 0.0
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value[:4000] if isinstance(value, str) else None
 
 
 ENVELOPE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "text[]", "text[]", "bytea[]")

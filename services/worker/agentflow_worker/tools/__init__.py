@@ -1,0 +1,1 @@
+"""Tools: the registry runtime, sandboxed handlers, MCP, rate limits."""
