@@ -267,7 +267,9 @@ async def test_secrets_never_appear_on_a_command_line() -> None:
 # --- containment ----------------------------------------------------------------------------
 
 BOMBS: dict[str, tuple[list[str], ExecProfile, str]] = {
-    "fork bomb": (["/bin/bash", "-c", ":(){ :|:& };:; wait"], profile(timeout_s=4), "process limit of 32 reached"),
+    # The shell stays (sleep) until the bomb has met the limit: with a bare `wait` it could
+    # exit before its detached grandchildren reach 32 processes, and the namespace dies with it.
+    "fork bomb": (["/bin/bash", "-c", ":(){ :|:& };:; sleep 1"], profile(timeout_s=4), "process limit of 32 reached"),
     "persistent fork bomb": (
         [PY, "-I", "-c", "import os, time\nwhile True:\n    try: os.fork()\n    except OSError: time.sleep(0.01)"],
         profile(timeout_s=3),
