@@ -51,6 +51,18 @@ class Names:
         """Core NATS: step progress events (LLM token deltas); not persisted."""
         return f"{self.prefix}.progress.{tenant}.{run}"
 
+    @property
+    def audit_anchor_stream(self) -> str:
+        """Audit chain heads, published on a schedule; created with deny-delete and deny-purge."""
+        return f"{stream_token(self.prefix)}_AUDIT_ANCHORS"
+
+    def audit_anchor_subject(self, tenant: str) -> str:
+        return f"{self.prefix}.audit.anchor.{tenant}"
+
+    @property
+    def audit_anchor_filter(self) -> str:
+        return f"{self.prefix}.audit.anchor.*"
+
     @staticmethod
     def step_consumer(queue: str) -> str:
         return f"steps_{queue}"

@@ -18,6 +18,7 @@ from agentflow_bus.connection import connect, ensure_streams
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.api.deps import StateDep
 from agentflow_control_plane.api.errors import install_error_handlers
+from agentflow_control_plane.api.governance_routes import router as governance_router
 from agentflow_control_plane.api.routes import router
 from agentflow_control_plane.api.schemas import ReadyOut
 from agentflow_control_plane.auth import TokenVerifier
@@ -27,6 +28,7 @@ from agentflow_control_plane.engine.results import ResultProcessor
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.stalled import StalledStepWatch
 from agentflow_control_plane.engine.timers import Timers
+from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
 from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
 from agentflow_control_plane.state import AppState
@@ -52,14 +54,20 @@ async def start_engine(state: AppState) -> None:
     state.results = ResultProcessor(state.nc, state.engine, state.dispatcher, state.specs, settings)
     await state.results.start()
     state.timers = Timers(
-        state.engine, state.dispatcher, state.names, settings.timer_interval_s, nc=state.nc, specs=state.specs
-    )
+        state.engine, state.dispatcher, state.names, settings.timer_interval_s, nc=state.nc, specs=state.specs,
+        governance=settings.governance_enabled,
+    )  # fmt: skip
     state.timers.start()
     await StalledStepWatch(state.nc, js, state.names).start()
+    state.anchors = AnchorPublisher(
+        js, state.engine, state.names, interval_s=settings.audit_anchor_interval_s,
+        file=settings.audit_anchor_file, replicas=settings.stream_replicas,
+    )  # fmt: skip
+    await state.anchors.start()
 
 
 async def stop_engine(state: AppState) -> None:
-    for part in (state.results, state.timers, state.dispatcher):
+    for part in (state.anchors, state.results, state.timers, state.dispatcher):
         if part is not None:
             with contextlib.suppress(Exception):
                 await part.stop()
@@ -102,6 +110,7 @@ def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
     )
     app.state.agentflow = state
     app.include_router(router)
+    app.include_router(governance_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)

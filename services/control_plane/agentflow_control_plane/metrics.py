@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Histogram
 
 STEPS_DISPATCHED = Counter("agentflow_steps_dispatched_total", "Step messages published to JetStream")
@@ -50,3 +52,46 @@ HTTP_LATENCY = Histogram(
     ["method", "route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+LLM_TOKENS = Counter(
+    "agentflow_llm_tokens_total",
+    "LLM tokens recorded in the cost ledger",
+    ["tenant", "model", "kind"],
+)
+SPEND_USD = Counter(
+    "agentflow_spend_usd_total",
+    "Dollars recorded in the cost ledger (LLM calls by model, tool calls as 'tool')",
+    ["tenant", "model"],
+)
+BUDGET_EVENTS = Counter(
+    "agentflow_budget_events_total",
+    "Budget decisions: warnings of soft budgets, refusals and stops of hard ones",
+    ["tenant", "event"],
+)
+AUDIT_ENTRIES = Counter("agentflow_audit_entries_total", "Entries appended to audit chains")
+
+#: Distinct (tenant, model) label pairs kept; later pairs are counted under model="other"
+#: so a tenant cycling through model names cannot grow the series without bound.
+MAX_SPEND_SERIES = 500
+_spend_series: set[tuple[str, str]] = set()
+
+
+def spend_labels(tenant: str, model: str) -> tuple[str, str]:
+    key = (tenant, model)
+    if key in _spend_series:
+        return key
+    if len(_spend_series) < MAX_SPEND_SERIES:
+        _spend_series.add(key)
+        return key
+    return tenant, "other"
+
+
+def record_spend(ledger_rows: list[tuple[Any, ...]]) -> None:
+    """Count a committed batch's ledger rows (see ``WriteSet.ledger`` for the layout)."""
+    for row in ledger_rows:
+        tenant, kind, name = str(row[0]), row[6], str(row[9])
+        model = name if kind == "llm" else "tool"
+        labels = spend_labels(tenant, model)
+        if kind == "llm":
+            LLM_TOKENS.labels(*labels, "prompt").inc(int(row[10]))
+            LLM_TOKENS.labels(*labels, "completion").inc(int(row[11]))
+        SPEND_USD.labels(*labels).inc(float(str(row[12])))

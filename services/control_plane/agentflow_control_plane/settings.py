@@ -47,6 +47,13 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     tools_file: str = ""
     #: a worker whose last heartbeat is older than this is listed as not alive
     worker_dead_after_s: float = Field(15.0, gt=0)
+    #: The audit chain and the cost ledger. "off" exists only to measure what they cost
+    #: (the benchmark baseline) and is refused outside dev mode.
+    governance: Literal["on", "off"] = "on"
+    #: How often each tenant's chain head is published to the anchor stream (0: never).
+    audit_anchor_interval_s: float = Field(60.0, ge=0)
+    #: Also append every anchor as a JSON line to this file (optional).
+    audit_anchor_file: str = ""
     #: Test-only fault injection ("exit_after_commit": exit the process right after the
     #: first run-creating commit, before publishing). Refused outside dev mode.
     fault_inject: str = ""
@@ -66,7 +73,15 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
             )
         if self.fault_inject:
             raise ConfigurationError("AGENTFLOW_FAULT_INJECT is only honoured in dev mode")
+        if self.governance == "off":
+            raise ConfigurationError(
+                "AGENTFLOW_GOVERNANCE=off (no audit chain, no cost ledger) is only honoured in dev mode"
+            )
         return self
+
+    @property
+    def governance_enabled(self) -> bool:
+        return self.governance == "on"
 
     @property
     def async_database_url(self) -> str:

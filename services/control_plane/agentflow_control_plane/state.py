@@ -13,6 +13,7 @@ from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.results import ResultProcessor
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.timers import Timers
+from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.tools_config import ToolsConfig
 
@@ -31,3 +32,4 @@ class AppState:
     dispatcher: Dispatcher | None = None
     results: ResultProcessor | None = None
     timers: Timers | None = None
+    anchors: AnchorPublisher | None = None

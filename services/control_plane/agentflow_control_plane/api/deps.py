@@ -29,6 +29,11 @@ class Caller:
     repo: TenantRepository
 
     @property
+    def actor(self) -> str:
+        """Who did it, as audit entries name them."""
+        return f"user:{self.principal.subject}"
+
+    @property
     def dispatcher(self) -> Dispatcher:
         if self.state.dispatcher is None:
             raise Unavailable("the control plane is still connecting to Postgres and NATS")

@@ -97,7 +97,10 @@ _WORKFLOW_BODY = {
 @router.put("/workflows/{name}", response_model=WorkflowVersionOut, openapi_extra=_WORKFLOW_BODY)
 async def put_workflow(name: WorkflowName, request: Request, caller: Writer) -> WorkflowVersionOut:
     """Register a workflow from a YAML or JSON body. A changed spec becomes a new version."""
-    stored = await workflow_service.put_workflow(caller.repo, name, await request.body(), caller.state.tools)
+    stored = await workflow_service.put_workflow(
+        caller.repo, name, await request.body(), caller.state.tools, actor=caller.actor,
+        governance=caller.state.settings.governance_enabled,
+    )  # fmt: skip
     return WorkflowVersionOut(
         name=stored.name, version=stored.version, spec_hash=stored.spec_hash, created=stored.created
     )
@@ -137,6 +140,8 @@ async def create_run(
         version=body.version,
         run_input=body.input,
         idempotency_key=idempotency_key,
+        actor=caller.actor,
+        governance=state.settings.governance_enabled,
     )
     if state.settings.fault_inject == "exit_after_commit" and created.outgoing:
         os._exit(70)  # test hook: crash between commit and publish
@@ -222,7 +227,7 @@ async def get_envelopes(run_id: uuid.UUID, caller: Reader) -> list[EnvelopeOut]:
 @router.post("/runs/{run_id}/cancel", response_model=RunOut)
 async def cancel_run(run_id: uuid.UUID, caller: Writer) -> RunOut:
     state, repo = caller.state, caller.repo
-    run = await run_service.cancel_run(repo, run_id)
+    run = await run_service.cancel_run(repo, run_id, actor=caller.actor, governance=state.settings.governance_enabled)
     if state.nc is not None and state.nc.is_connected:
         # Best effort: workers stop the run's in-flight steps; late results are ignored anyway.
         await state.nc.publish(state.names.cancel_subject, orjson.dumps({"run": str(run_id)}))

@@ -137,3 +137,72 @@ class ReadyOut(BaseModel):
     ready: bool
     postgres: bool
     nats: bool
+
+
+# --- governance ---------------------------------------------------------------------------
+
+
+class AuditEntryOut(BaseModel):
+    """One chain entry: ``hash`` is sha256 over the JCS form of all the other members."""
+
+    tenant: str
+    seq: int
+    ts: str
+    actor: str
+    action: str
+    resource: str
+    data: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditPageOut(BaseModel):
+    entries: list[AuditEntryOut]
+    #: pass as ``after`` for the next page; null when this page was the last
+    next_after: int | None
+
+
+class AnchorOut(BaseModel):
+    seq: int
+    hash: str
+    ts: str
+    matches: bool | None = Field(description="null when the chain is broken before the anchor was reached")
+
+
+class AuditVerifyOut(BaseModel):
+    ok: bool
+    length: int
+    head_hash: str
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    recorded_length: int = Field(description="the chain length the database's head row records")
+    anchor: AnchorOut | None = Field(None, description="the last external anchor, when one was published")
+    elapsed_s: float
+
+
+class CostGroupOut(BaseModel):
+    key: str
+    cost_usd: str
+    prompt_tokens: int
+    completion_tokens: int
+    llm_calls: int
+    tool_calls: int
+
+
+class CostTotalOut(BaseModel):
+    cost_usd: str
+    prompt_tokens: int
+    completion_tokens: int
+    llm_calls: int
+    tool_calls: int
+
+
+class CostsOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    period: str
+    from_: datetime = Field(alias="from")
+    to: datetime
+    group_by: str
+    total: CostTotalOut
+    groups: list[CostGroupOut]

@@ -214,10 +214,11 @@ class TenantRepository:
             )
         )
 
-    async def cancel_run(self, run_id: uuid.UUID) -> Run:
+    async def cancel_run(self, run_id: uuid.UUID) -> tuple[Run, bool]:
+        """Cancel a run that is still going; (the run, whether this call cancelled it)."""
         run = await self.get_run(run_id, for_update=True)
         if run.status in ("succeeded", "failed", "cancelled"):
-            return run
+            return run, False
         conn = await self.connection()
         await conn.execute(
             text(
@@ -238,4 +239,4 @@ class TenantRepository:
             {"id": run_id, "tenant": self.tenant},
         )
         await self.session.refresh(run)
-        return run
+        return run, True

@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from agentflow_bus.subjects import Names
 from agentflow_control_plane import metrics
 from agentflow_control_plane.engine.rows import ACTIVE, RunRow, StepRow
-from agentflow_control_plane.engine.writes import WriteSet, step_id_for
+from agentflow_control_plane.engine.writes import WriteSet, clean_text, step_id_for
 from agentflow_core.planners import Decision
 from agentflow_core.spec import WorkflowSpec
 
@@ -90,7 +90,15 @@ def apply_decision(
         writes.cancel_notices.append({"run": str(run.id), "steps": sorted(set(cancelled))})
     if outcome is None:
         return
+    writes.audit(tenant, "run.finished", f"run:{run.id}", run_finished_data(run.id, run.status, run.error))
     metrics.RUNS_FINISHED.labels(run.status).inc()
+
+
+def run_finished_data(run_id: uuid.UUID, status: str, error: str | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"run": str(run_id), "status": status}
+    if error:
+        data["error"] = clean_text(error, 300)
+    return data
 
 
 async def publish_cancels(nc: Client, names: Names, notices: list[dict[str, Any]]) -> None:

@@ -32,7 +32,7 @@ from agentflow_control_plane.engine.decisions import apply_decision, now_ms, pub
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.rows import ACTIVE, FINAL_RUN, RunRow, StepRow
 from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
-from agentflow_control_plane.engine.writes import WriteSet
+from agentflow_control_plane.engine.writes import WriteSet, clean_text
 from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.envelope import check_result, open_envelope
 from agentflow_core.errors import EnvelopeRejected
@@ -174,7 +174,7 @@ class ResultProcessor:
     async def process(self, msgs: list[Msg]) -> None:
         incoming = [self._parse(m) for m in msgs]
         now = datetime.now(UTC)
-        writes = WriteSet(self._names, now)
+        writes = WriteSet(self._names, now, governance=self._settings.governance_enabled)
         latencies: list[float] = []
         step_ids = list({i.step_id for i in incoming if i.step_id is not None})
         async with pg_transaction(self._engine) as conn:
@@ -223,6 +223,11 @@ class ResultProcessor:
                         attempt = int(orjson.loads(item.raw)["attempt"])
                     digest = item.digest or "sha256:unverified"
                     writes.add_envelope(step.tenant, step.run_id, step.id, attempt, "rejected", digest, item.raw)
+                    writes.audit(
+                        step.tenant, "step.rejected", f"step:{step.id}",
+                        {"run": str(step.run_id), "step": str(step.id), "attempt": attempt, "envelope_hash": digest,
+                         "reason": clean_text(item.reject_reason or "")},
+                    )  # fmt: skip
                     # A result that failed verification counts as a failed attempt.
                     if attempt == step.attempt and step.status in ACTIVE and run.status not in FINAL_RUN:
                         self._finish_attempt(
@@ -247,7 +252,14 @@ class ResultProcessor:
                     item.raw,
                 )
                 if "usage" in body or "tool_calls" in body:
-                    writes.add_spend(step.run_id, step.id, body)
+                    writes.add_spend(step.run_id, step.id, body, workflow=run.key[1], agent=step.agent)
+                writes.audit(
+                    step.tenant, "step.completed" if body["status"] == "succeeded" else "step.failed",
+                    f"step:{step.id}",
+                    {"run": str(step.run_id), "step": str(step.id), "attempt": body["attempt"],
+                     "status": body["status"], "result_hash": item.digest, "step_hash": body["step_hash"]},
+                    actor=f"worker:{body['worker']}",
+                )  # fmt: skip
                 if not current or step.status not in ACTIVE or run.status in FINAL_RUN:
                     continue  # late result of a superseded attempt or a finished run: recorded only
                 step.has_result = True
@@ -278,6 +290,9 @@ class ResultProcessor:
         assert self._consumer is not None
         self._consumer.done(len(incoming))
         metrics.RESULTS_BATCH.observe(len(incoming))
+        if writes.ledger:
+            metrics.record_spend(writes.ledger)
+        metrics.AUDIT_ENTRIES.inc(len(writes.audits))
         for latency in latencies:
             metrics.STEP_LATENCY.observe(latency)
         await self._dispatcher.confirm(outgoing, sent)

@@ -58,7 +58,9 @@ class Timers:
         *,
         nc: Client | None = None,
         specs: SpecCache | None = None,
+        governance: bool = True,
     ) -> None:
+        self._governance = governance
         self._nc = nc
         self._specs = specs or SpecCache()
         self._engine = engine
@@ -75,7 +77,7 @@ class Timers:
 
     async def dispatch_due_retries(self, limit: int = 500) -> int:
         now = datetime.now(UTC)
-        writes = WriteSet(self._names, now)
+        writes = WriteSet(self._names, now, governance=self._governance)
         async with pg_transaction(self._engine) as conn:
             rows = await conn.fetch(DUE_SQL, limit)
             if not rows:
@@ -101,7 +103,7 @@ class Timers:
     async def tick_due_runs(self, limit: int = 200) -> int:
         """Call ``on_timer`` for runs whose planner timer is due."""
         now = datetime.now(UTC)
-        writes = WriteSet(self._names, now)
+        writes = WriteSet(self._names, now, governance=self._governance)
         async with pg_transaction(self._engine) as conn:
             rows = await conn.fetch(WAKE_SQL, limit)
             if not rows:

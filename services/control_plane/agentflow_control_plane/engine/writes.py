@@ -17,9 +17,14 @@ import asyncpg
 import orjson
 
 from agentflow_bus.subjects import Names
+from agentflow_control_plane.governance import audit_store
+from agentflow_core.audit import Prepared, prepare
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
 from agentflow_core.spec import WorkflowSpec, inline_agent, workflow_tools_of
+
+#: the actor of entries the engine writes on its own
+ENGINE = "system:engine"
 
 
 def step_id_for(run_id: uuid.UUID, seq: int) -> uuid.UUID:
@@ -62,6 +67,18 @@ class WriteSet:
     cancel_steps: list[uuid.UUID] = field(default_factory=list)
     #: messages for workers, published on the cancel subject after commit
     cancel_notices: list[dict[str, Any]] = field(default_factory=list)
+    #: audit entries, appended to their tenants' chains by the same transaction
+    audits: list[Prepared] = field(default_factory=list)
+    #: cost ledger rows (see ``add_spend``)
+    ledger: list[tuple[Any, ...]] = field(default_factory=list)
+    #: False only in dev mode with ``AGENTFLOW_GOVERNANCE=off`` (the benchmark baseline)
+    governance: bool = True
+
+    def audit(self, tenant: str, action: str, resource: str, data: dict[str, Any], actor: str = ENGINE) -> None:
+        if self.governance:
+            self.audits.append(
+                prepare(tenant=tenant, ts=self.now, actor=actor, action=action, resource=resource, data=data)
+            )
 
     def add_envelope(
         self,
@@ -75,26 +92,56 @@ class WriteSet:
     ) -> None:
         self.envelopes.append((tenant, run_id, step_id, attempt, kind, digest, body))
 
-    def add_spend(self, run_id: uuid.UUID, step_id: uuid.UUID, body: dict[str, Any]) -> None:
-        """Record a result envelope's ``usage`` and ``tool_calls`` (already shape-checked)."""
-        attempt, delivery = body["attempt"], body["delivery"]
+    def add_spend(
+        self, run_id: uuid.UUID, step_id: uuid.UUID, body: dict[str, Any], *, workflow: str, agent: str
+    ) -> None:
+        """Record a result envelope's ``usage`` and ``tool_calls`` (already shape-checked):
+        the step's totals, each tool call, a ledger row per LLM and tool call, and an audit
+        entry per tool call."""
+        tenant, attempt, delivery = body["tenant"], body["attempt"], body["delivery"]
+        at = datetime.fromtimestamp(_int(body.get("finished_us")) / 1e6, UTC) if body.get("finished_us") else self.now
         usage = body.get("usage")
         if usage:
             self.usages.append(
-                (body["tenant"], run_id, step_id, attempt, delivery, body["worker"],
+                (tenant, run_id, step_id, attempt, delivery, body["worker"],
                  _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
                  str(_money(usage.get("cost_usd"))), orjson.dumps(usage).decode())
             )  # fmt: skip
+            if self.governance:
+                for ordinal, call in enumerate(usage.get("llm_calls") or ()):
+                    if isinstance(call, dict):
+                        self.ledger.append(
+                            (tenant, workflow, run_id, step_id, attempt, delivery, "llm", ordinal, agent,
+                             str(call.get("model", "?"))[:256], _int(call.get("prompt_tokens")),
+                             _int(call.get("completion_tokens")), str(_money(call.get("cost_usd"))), at)
+                        )  # fmt: skip
         for ordinal, call in enumerate(body.get("tool_calls") or ()):
             if not isinstance(call, dict):
                 continue
+            tool, cost, outcome = (
+                str(call.get("tool", "?"))[:256],
+                _money(call.get("cost_usd")),
+                str(call.get("outcome", "?"))[:32],
+            )
+            input_hash, output_hash = _str_or_none(call.get("input_hash")), _str_or_none(call.get("output_hash"))
+            started = datetime.fromtimestamp(_int(call.get("started_us")) / 1e6, UTC)
             self.tool_calls.append(
-                (body["tenant"], run_id, step_id, attempt, delivery, ordinal, str(call.get("tool", "?"))[:256],
-                 str(call.get("agent", ""))[:128], _str_or_none(call.get("input_hash")),
-                 _str_or_none(call.get("output_hash")), float(_money(call.get("duration_ms"))),
-                 str(_money(call.get("cost_usd"))), str(call.get("outcome", "?"))[:32],
-                 _str_or_none(call.get("error")), datetime.fromtimestamp(_int(call.get("started_us")) / 1e6, UTC))
+                (tenant, run_id, step_id, attempt, delivery, ordinal, tool, str(call.get("agent", ""))[:128],
+                 input_hash, output_hash, float(_money(call.get("duration_ms"))), str(cost), outcome,
+                 _str_or_none(call.get("error")), started)
             )  # fmt: skip
+            if self.governance:
+                self.ledger.append(
+                    (tenant, workflow, run_id, step_id, attempt, delivery, "tool", ordinal, agent, tool, 0, 0,
+                     str(cost), started)
+                )  # fmt: skip
+                self.audit(
+                    tenant, "tool.called", f"tool:{tool}",
+                    {"run": str(run_id), "step": str(step_id), "attempt": attempt, "tool": tool,
+                     "input_hash": _hash_or_none(input_hash), "output_hash": _hash_or_none(output_hash),
+                     "cost_usd": _decimal_text(cost), "outcome": outcome},
+                    actor=f"worker:{body['worker']}",
+                )  # fmt: skip
 
     def dispatch_attempt(
         self,
@@ -109,6 +156,11 @@ class WriteSet:
         wire, digest = seal(body)
         attempt = body["attempt"]
         self.add_envelope(tenant, run_id, step_id, attempt, "step", digest, wire)
+        self.audit(
+            tenant, "step.dispatched", f"step:{step_id}",
+            {"run": str(run_id), "step": str(step_id), "seq": body["seq"], "attempt": attempt,
+             "agent": body["agent"]["name"], "queue": queue, "envelope_hash": digest},
+        )  # fmt: skip
         self.outbox.append(
             OutMsg(
                 tenant=tenant,
@@ -287,6 +339,13 @@ class WriteSet:
                 " tool, agent, input_hash, output_hash, duration_ms, cost_usd, outcome, error, started_at)"
                 " SELECT * FROM unnest(" + columns(self.tool_calls, TOOL_CALL_CASTS) + ") ON CONFLICT DO NOTHING)"
             )
+        if self.ledger:
+            ctes.append(
+                "new_ledger AS (INSERT INTO cost_ledger (tenant_id, workflow, run_id, step_id, attempt, delivery, kind,"
+                " ordinal, agent, name, prompt_tokens, completion_tokens, cost_usd, at) SELECT * FROM unnest("
+                + columns(self.ledger, LEDGER_CASTS)
+                + ") ON CONFLICT DO NOTHING)"
+            )
         if self.envelopes:
             ctes.append(
                 "new_envelopes AS (INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
@@ -307,6 +366,7 @@ class WriteSet:
                 + f") AS u{guard} RETURNING id)"
             )
         if not ctes:
+            await audit_store.append(conn, self.audits)
             return True
         inserted = "(SELECT count(*) FROM new_run)" if self.new_run is not None else "1"
         outbox_ids = "ARRAY(SELECT id FROM new_outbox ORDER BY id)" if self.outbox else "NULL::bigint[]"
@@ -316,6 +376,9 @@ class WriteSet:
             # Serial ids follow the unnest order, so ids and messages pair up in order.
             for msg, outbox_id in zip(self.outbox, row[1], strict=True):
                 msg.outbox_id = outbox_id
+        if row[0]:
+            # Last, so the tenant's chain head is the last lock this transaction takes.
+            await audit_store.append(conn, self.audits)
         return bool(row[0])
 
 
@@ -323,6 +386,24 @@ USAGE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "int[]", "text[]", "bigint
                "jsonb[]")  # fmt: skip
 TOOL_CALL_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "int[]", "int[]", "text[]", "text[]", "text[]", "text[]",
                    "float8[]", "numeric[]", "text[]", "text[]", "timestamptz[]")  # fmt: skip
+
+
+LEDGER_CASTS = ("text[]", "text[]", "uuid[]", "uuid[]", "int[]", "int[]", "text[]", "int[]", "text[]", "text[]",
+                "bigint[]", "bigint[]", "numeric[]", "timestamptz[]")  # fmt: skip
+
+
+def _decimal_text(value: float) -> str:
+    """Dollars as exact decimal text in audit data (floats are not hashed)."""
+    return f"{value:.10f}".rstrip("0").rstrip(".") or "0"
+
+
+def clean_text(value: str, limit: int = 500) -> str:
+    """Free text for an audit entry: bounded, and without the NUL Postgres refuses."""
+    return value.replace("\x00", "\ufffd")[:limit]
+
+
+def _hash_or_none(value: str | None) -> str | None:
+    return value if value is not None and value.startswith("sha256:") and len(value) <= 80 else None
 
 
 def _int(value: Any) -> int:

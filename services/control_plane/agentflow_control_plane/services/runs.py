@@ -13,9 +13,11 @@ import orjson
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.db.models import Run
 from agentflow_control_plane.db.repository import TenantRepository
-from agentflow_control_plane.engine.decisions import from_ms, now_ms
+from agentflow_control_plane.engine.decisions import from_ms, now_ms, run_finished_data
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
+from agentflow_control_plane.governance import audit_store
+from agentflow_core.audit import prepare
 from agentflow_core.canonical import content_hash
 from agentflow_core.errors import Conflict
 
@@ -46,6 +48,8 @@ async def create_run(
     version: int | None,
     run_input: Any,
     idempotency_key: str | None,
+    actor: str,
+    governance: bool = True,
 ) -> CreatedRun:
     # Raises CanonicalizationError (422) for NaN, Infinity, |int| >= 2**53 before anything is stored.
     request_hash = content_hash({"workflow": workflow, "version": version, "input": run_input})
@@ -63,7 +67,13 @@ async def create_run(
     decision = compiled.planner.start(run_input, now_ms(now))
     outcome = decision.outcome
     status = outcome.status if outcome else "pending"
-    writes = WriteSet(names, now)
+    writes = WriteSet(names, now, governance=governance)
+    writes.audit(
+        repo.tenant, "run.created", f"run:{run_id}",
+        {"run": str(run_id), "workflow": workflow, "version": resolved, "request_hash": request_hash,
+         "idempotency_key": idempotency_key},
+        actor=actor,
+    )  # fmt: skip
     writes.new_run = (
         run_id,
         repo.tenant,
@@ -82,8 +92,13 @@ async def create_run(
     )
     for request in decision.dispatch:
         writes.new_step(compiled.spec, repo.tenant, run_id, request)
-    # The run, its first steps, their envelopes and outbox rows: one atomic statement.
-    if not await writes.flush(conn):
+    if outcome is not None:
+        writes.audit(repo.tenant, "run.finished", f"run:{run_id}", run_finished_data(run_id, status, outcome.error))
+    # The run, its first steps, their envelopes and outbox rows in one statement, then the
+    # audit entries: one transaction.
+    async with conn.transaction():
+        inserted = await writes.flush(conn)
+    if not inserted:
         # Lost a race with a concurrent request carrying the same idempotency key.
         assert idempotency_key is not None
         existing = await _existing(repo, idempotency_key, request_hash)
@@ -92,7 +107,13 @@ async def create_run(
     return CreatedRun(run_id, status, True, writes.outbox)
 
 
-async def cancel_run(repo: TenantRepository, run_id: uuid.UUID) -> Run:
-    run = await repo.cancel_run(run_id)
+async def cancel_run(repo: TenantRepository, run_id: uuid.UUID, *, actor: str, governance: bool = True) -> Run:
+    run, changed = await repo.cancel_run(run_id)
+    if changed and governance:
+        entry = prepare(
+            tenant=repo.tenant, ts=datetime.now(UTC), actor=actor, action="run.cancelled", resource=f"run:{run_id}",
+            data={"run": str(run_id)},
+        )  # fmt: skip
+        await audit_store.append(await repo.driver(), [entry])
     await repo.session.commit()
     return run
