@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from agentflow_cli.governance_commands import COMMANDS as GOVERNANCE_COMMANDS
 from agentflow_cli.scaffold import scaffold
 from agentflow_cli.spec_commands import COMMANDS as SPEC_COMMANDS
 
@@ -210,6 +211,8 @@ def run(
 for _command in SPEC_COMMANDS:  # validate, graph, import (offline spec tooling)
     cli.add_command(_command)
 cli.add_command(scaffold)
+for _command in GOVERNANCE_COMMANDS:  # audit verify, costs
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -49,6 +49,18 @@ def _error(response: httpx.Response) -> str:
     return "\n".join(lines)
 
 
+def resolve_api(api_url: str | None, token: str | None) -> tuple[str, str] | None:
+    """The API URL and token to use: given ones, else the local stack's (``agentflow up``).
+    Prints why and returns None when there are none."""
+    if api_url and token:
+        return api_url, token
+    state = load_stack_state()
+    if state is None:
+        console.print("[red]no API URL/token: set AGENTFLOW_API_URL and AGENTFLOW_TOKEN, or start `agentflow up`[/]")
+        return None
+    return api_url or str(state["api_url"]), token or str(state["token"])
+
+
 def run_workflow(
     file: Path,
     run_input: Any,
@@ -58,15 +70,10 @@ def run_workflow(
     token: str | None,
     timeout: float,
 ) -> int:
-    if not api_url or not token:
-        state = load_stack_state()
-        if state is None:
-            console.print(
-                "[red]no API URL/token: set AGENTFLOW_API_URL and AGENTFLOW_TOKEN, or start `agentflow up`[/]"
-            )
-            return 2
-        api_url = api_url or state["api_url"]
-        token = token or state["token"]
+    found = resolve_api(api_url, token)
+    if found is None:
+        return 2
+    api_url, token = found
     source = file.read_bytes()
     content_type = "application/json" if file.suffix == ".json" else "application/yaml"
     with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -346,3 +349,56 @@ def test_llm_calls_an_mcp_tool_through_the_registry(runtime: tuple[Api, Cluster,
     [call] = api.client.get(f"/v1/runs/{run['id']}/tool-calls").json()
     assert (call["tool"], call["outcome"]) == ("calc.add", "ok")
     assert call["cost_usd"].startswith("0.5")
+
+
+def test_every_llm_and_tool_call_lands_in_the_cost_ledger_and_the_audit_chain(
+    runtime: tuple[Api, Cluster, FakeOpenAI],
+) -> None:
+    api, cluster, fake = runtime
+    fake.script(
+        {"tool_calls": [{"name": "calc__add", "arguments": {"a": 1, "b": 2}}],
+         "usage": {"prompt_tokens": 120, "completion_tokens": 7}},
+        {"content": "3", "usage": {"prompt_tokens": 150, "completion_tokens": 3}},
+    )  # fmt: skip
+    agent = {
+        "type": "llm",
+        "model": {"provider": "openai", "model": "house-model", "api_base": fake.api_base},
+        "prompt": "What is 1 + 2?",
+        "tools": ["calc.add"],
+    }
+    _register(api, _one_step("ledgered", agent))
+    run = api.wait(api.start("ledgered", {}), timeout=60)
+    assert run["status"] == "succeeded", ([s["error"] for s in run["steps"]], cluster.logs())
+    costs = api.client.get("/v1/costs", params={"run": run["id"], "group_by": "model"}).json()
+    groups = {g["key"]: g for g in costs["groups"]}
+    assert set(groups) == {"openai/house-model", "tool:calc.add"}
+    llm = groups["openai/house-model"]
+    assert (llm["prompt_tokens"], llm["completion_tokens"], llm["llm_calls"]) == (270, 10, 2)
+    # 270 * $1000/M + 10 * $2000/M = $0.29 exactly; the tool's cost_per_call is $0.50
+    assert (llm["cost_usd"], groups["tool:calc.add"]["cost_usd"]) == ("0.29", "0.50")
+    assert costs["total"]["cost_usd"] == "0.79" and costs["total"]["tool_calls"] == 1
+    assert run["usage"]["cost_usd"].startswith("0.79")
+    by_agent = api.client.get("/v1/costs", params={"run": run["id"], "group_by": "agent"}).json()
+    assert [(g["key"], g["cost_usd"]) for g in by_agent["groups"]] == [("a", "0.79")]
+    by_workflow = api.client.get("/v1/costs", params={"period": "month", "workflow": "ledgered"}).json()
+    assert [g["key"] for g in by_workflow["groups"]] == ["ledgered"]
+    bad = api.client.get("/v1/costs", params={"period": "year"})
+    assert bad.status_code == 422 and "period" in bad.text
+
+    [call] = api.client.get(f"/v1/runs/{run['id']}/tool-calls").json()
+    audit = api.client.get("/v1/audit", params={"run": run["id"], "action": "tool.called"}).json()["entries"]
+    assert [(e["data"]["tool"], e["data"]["input_hash"], e["data"]["cost_usd"]) for e in audit] == [
+        ("calc.add", call["input_hash"], "0.5")
+    ]
+    assert audit[0]["actor"].startswith("worker:rt-")
+
+    # The CLI prints the same numbers.
+    token = api.client.headers["Authorization"].split()[1]
+    env = {**os.environ, "AGENTFLOW_API_URL": api.url, "AGENTFLOW_TOKEN": token, "COLUMNS": "200"}
+    shown = subprocess.run([sys.executable, "-m", "agentflow_cli", "costs", "--period", "today", "--by", "model"],
+                           capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "openai/house-model" in shown.stdout and "tool:calc.add" in shown.stdout
+    checked = subprocess.run([sys.executable, "-m", "agentflow_cli", "audit", "verify"],
+                             capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert checked.returncode == 0 and "yes" in checked.stdout, checked.stdout + checked.stderr

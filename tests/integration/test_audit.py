@@ -303,3 +303,22 @@ def test_verification_needs_a_token(cluster: tuple[Cluster, str]) -> None:
     import httpx
 
     assert httpx.get(f"{cluster[1]}/v1/audit/verify").status_code == 401
+
+
+def test_cli_verifies_straight_from_postgres_and_fails_on_tampering(api: Api, shared_env: TestEnv) -> None:
+    import subprocess
+    import sys
+
+    _run_once(api, "cli-checked")
+    argv = [sys.executable, "-m", "agentflow_cli", "audit", "verify", "--database-url", shared_env.database_url,
+            "--tenant", api.tenant]  # fmt: skip
+    env = {"COLUMNS": "250", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert ok.returncode == 0 and api.tenant in ok.stdout and "yes" in ok.stdout, ok.stdout + ok.stderr
+    asyncio.run(
+        _sql(shared_env, ("UPDATE audits SET actor = 'mallory' WHERE tenant_id = $1 AND seq = 2", (api.tenant,)))
+    )
+    bad = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 1 and "NO" in bad.stdout and "hash mismatch" in bad.stdout, bad.stdout
+    usage = subprocess.run([*argv[:5], "--tenant", "x"], capture_output=True, text=True, timeout=60, env=env)
+    assert usage.returncode == 2 and "--tenant needs --database-url" in usage.stderr
