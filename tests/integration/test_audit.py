@@ -322,3 +322,50 @@ def test_cli_verifies_straight_from_postgres_and_fails_on_tampering(api: Api, sh
     assert bad.returncode == 1 and "NO" in bad.stdout and "hash mismatch" in bad.stdout, bad.stdout
     usage = subprocess.run([*argv[:5], "--tenant", "x"], capture_output=True, text=True, timeout=60, env=env)
     assert usage.returncode == 2 and "--tenant needs --database-url" in usage.stderr
+
+
+def test_auth_failures_are_counted_into_the_chains(make_env: Any) -> None:
+    import httpx
+    import jwt
+
+    env: TestEnv = make_env()
+    cluster = Cluster(env)
+    try:
+        _, url = cluster.control_plane(AGENTFLOW_AUDIT_AUTH_FLUSH_S="1")
+        for _ in range(5):
+            assert httpx.get(f"{url}/v1/runs", headers={"Authorization": "Bearer nonsense"}).status_code == 401
+        forged = jwt.encode({"sub": "x", "tenant": "_system", "exp": int(time.time()) + 60}, env.secret)
+        assert httpx.get(f"{url}/v1/audit", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+        viewer = Api(url, env, "watched", roles=("viewer",))
+        assert viewer.put_workflow(chain_workflow("nope", 1)).status_code == 403
+
+        def tenant_entries(tenant: str) -> list[dict[str, Any]]:
+            async def read() -> list[dict[str, Any]]:
+                conn = await asyncpg.connect(_asyncpg_dsn(env.database_url))
+                try:
+                    rows = await conn.fetch("SELECT actor, data::text FROM audits WHERE tenant_id = $1 "
+                                            "AND action = 'auth.failed' ORDER BY seq", tenant)  # fmt: skip
+                    return [{"actor": r[0], **json.loads(r[1])} for r in rows]
+                finally:
+                    await conn.close()
+
+            return asyncio.run(read())
+
+        deadline = time.monotonic() + 10
+        while not (tenant_entries("_system") and tenant_entries("watched")):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        system = tenant_entries("_system")
+        malformed = [e for e in system if e["reason"].startswith("malformed token")]
+        # counted, not itemised (several flushes may have passed meanwhile)
+        assert sum(e["count"] for e in malformed) == 5 and len(malformed) < 5
+        assert {(e["status"], e["actor"]) for e in malformed} == {(401, "client:127.0.0.1")}
+        assert any("reserved" in e["reason"] for e in system)
+        [refused] = tenant_entries("watched")
+        assert refused["status"] == 403 and refused["count"] == 1 and refused["path"] == "/v1/workflows/nope"
+        # The tenant sees its own refusal through the API, and its chain verifies.
+        page = viewer.client.get("/v1/audit", params={"action": "auth.failed"}).json()
+        assert [e["data"]["status"] for e in page["entries"]] == [403]
+        assert viewer.client.get("/v1/audit/verify").json()["ok"] is True
+    finally:
+        cluster.close()

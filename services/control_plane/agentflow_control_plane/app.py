@@ -29,6 +29,7 @@ from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.stalled import StalledStepWatch
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
+from agentflow_control_plane.governance.auth_failures import AuthFailureLog
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
 from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
 from agentflow_control_plane.state import AppState
@@ -64,10 +65,12 @@ async def start_engine(state: AppState) -> None:
         file=settings.audit_anchor_file, replicas=settings.stream_replicas,
     )  # fmt: skip
     await state.anchors.start()
+    if state.auth_failures is not None:
+        state.auth_failures.start()
 
 
 async def stop_engine(state: AppState) -> None:
-    for part in (state.anchors, state.results, state.timers, state.dispatcher):
+    for part in (state.auth_failures, state.anchors, state.results, state.timers, state.dispatcher):
         if part is not None:
             with contextlib.suppress(Exception):
                 await part.stop()
@@ -88,6 +91,9 @@ def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
         verifier=TokenVerifier(settings),
         specs=SpecCache(),
         tools=load_tools_config(settings.tools_file),
+        auth_failures=AuthFailureLog(
+            engine, interval_s=settings.audit_auth_flush_s, enabled=settings.governance_enabled
+        ),
     )
 
     @asynccontextmanager

@@ -82,6 +82,8 @@ class TokenVerifier:
         tenant = claims.get("tenant")
         if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
             raise Unauthorized("token claim 'tenant' must match [A-Za-z0-9_-]{1,64}")
+        if tenant.startswith("_"):
+            raise Unauthorized("tenant names starting with '_' are reserved (e.g. the '_system' audit chain)")
         roles = claims.get("roles", [])
         if isinstance(roles, str):
             roles = [roles]
@@ -94,6 +96,8 @@ def issue_token(secret: str, *, tenant: str, roles: list[str], subject: str, ttl
     """An HS256 token, as printed by ``agentflow token`` and ``agentflow up``."""
     if not TENANT_PATTERN.match(tenant):
         raise ValueError("tenant must match [A-Za-z0-9_-]{1,64}")
+    if tenant.startswith("_"):
+        raise ValueError("tenant names starting with '_' are reserved")
     for role in roles:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")

@@ -14,6 +14,7 @@ from agentflow_control_plane.engine.results import ResultProcessor
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
+from agentflow_control_plane.governance.auth_failures import AuthFailureLog
 from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.tools_config import ToolsConfig
 
@@ -33,3 +34,4 @@ class AppState:
     results: ResultProcessor | None = None
     timers: Timers | None = None
     anchors: AnchorPublisher | None = None
+    auth_failures: AuthFailureLog | None = None

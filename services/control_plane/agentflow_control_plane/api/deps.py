@@ -43,6 +43,7 @@ class Caller:
 async def _caller(request: Request, *, write: bool) -> AsyncIterator[Caller]:
     state: AppState = request.app.state.agentflow
     principal = state.verifier.verify(request.headers.get("authorization"))
+    request.state.tenant = principal.tenant  # for the audit of a refusal below
     if write:
         principal.require_write()
     async with state.sessions() as session:

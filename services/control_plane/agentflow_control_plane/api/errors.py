@@ -24,6 +24,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _agentflow_error(request: Request, exc: AgentFlowError) -> JSONResponse:
         if exc.status_code >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        if exc.status_code in (401, 403):
+            state = getattr(request.app.state, "agentflow", None)
+            if state is not None and state.auth_failures is not None:
+                state.auth_failures.note(
+                    tenant=getattr(request.state, "tenant", None) if exc.status_code == 403 else None,
+                    status=exc.status_code, reason=exc.message,
+                    client=request.client.host if request.client else "?", path=request.url.path,
+                )  # fmt: skip
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
 
