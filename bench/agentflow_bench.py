@@ -72,8 +72,9 @@ def percentile(values: list[float], q: float) -> float:
 class Stack:
     """One control plane and N workers on a fresh database and NATS prefix."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, extra_env: dict[str, str] | None = None) -> None:
         self.workers = workers
+        self.extra_env = extra_env or {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.embedded: list[Any] = []
         self.tag = secrets.token_hex(4)
@@ -121,6 +122,7 @@ class Stack:
             AGENTFLOW_PORT=str(self.port),
             AGENTFLOW_LOG_LEVEL="warning",
         )
+        env.update(self.extra_env)
         launcher = [sys.executable, "-m", "agentflow_cli"]
         self._spawn([*launcher, "control-plane"], env, "control-plane")
         for i in range(self.workers):

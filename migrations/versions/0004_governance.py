@@ -3,8 +3,10 @@
 ``audits`` is forward-only: a trigger refuses UPDATE, DELETE and TRUNCATE, so even the
 application's own role cannot rewrite history (a superuser can disable the trigger, which
 is why the chain is hashed and anchored outside the database). Later migrations must
-never touch its rows. ``audit_heads`` holds each tenant's chain head; appending locks that
-one row, so tenants never wait for each other.
+never touch its rows. Changes write their entries to ``audit_queue`` in their own
+transaction; the sealer moves them into ``audits``, linked, holding the tenant's
+``audit_heads`` row (so tenants never wait for each other, and no engine transaction waits
+for a chain lock).
 
 Revision ID: 0004
 Revises: 0003
@@ -60,6 +62,25 @@ def upgrade() -> None:
     op.execute(
         "CREATE TRIGGER audits_no_truncate BEFORE TRUNCATE ON audits "
         "FOR EACH STATEMENT EXECUTE FUNCTION agentflow_audits_forward_only()"
+    )
+    # Entries wait here, written by the transaction of the change they record, until the
+    # sealer links them into their tenant's chain (within a fraction of a second), so no
+    # hot-path transaction ever holds a chain lock. Rows are only inserted and, by the
+    # sealer in the transaction that chains them, deleted; UPDATE is refused.
+    op.create_table(
+        "audit_queue",
+        sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("tenant_id", sa.String(64), nullable=False),
+        sa.Column("ts", TS, nullable=False),
+        sa.Column("actor", sa.String(256), nullable=False),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("resource", sa.String(512), nullable=False),
+        sa.Column("data", pg.JSONB, nullable=False),
+    )
+    op.create_index("ix_audit_queue_tenant", "audit_queue", ["tenant_id", "id"])
+    op.execute(
+        "CREATE TRIGGER audit_queue_no_update BEFORE UPDATE ON audit_queue "
+        "FOR EACH ROW EXECUTE FUNCTION agentflow_audits_forward_only()"
     )
     op.create_table(
         "audit_heads",
@@ -153,6 +174,7 @@ def downgrade() -> None:
     op.drop_table("budgets")
     op.drop_table("cost_ledger")
     op.drop_table("audit_heads")
+    op.drop_table("audit_queue")
     # Dropping the whole table is the one way out; rows are never rewritten in place.
     op.execute("DROP TABLE audits")
     op.execute("DROP FUNCTION agentflow_audits_forward_only()")

@@ -386,6 +386,10 @@ def test_every_llm_and_tool_call_lands_in_the_cost_ledger_and_the_audit_chain(
     assert bad.status_code == 422 and "period" in bad.text
 
     [call] = api.client.get(f"/v1/runs/{run['id']}/tool-calls").json()
+    deadline = time.monotonic() + 15  # entries are sealed into the chain within ~0.2 s
+    while api.client.get("/v1/audit/verify").json()["pending"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     audit = api.client.get("/v1/audit", params={"run": run["id"], "action": "tool.called"}).json()["entries"]
     assert [(e["data"]["tool"], e["data"]["input_hash"], e["data"]["cost_usd"]) for e in audit] == [
         ("calc.add", call["input_hash"], "0.5")

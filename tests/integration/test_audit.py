@@ -19,7 +19,21 @@ from tests.support.processes import Api, Cluster, chain_workflow
 from tests.support.services import TestEnv, _asyncpg_dsn
 
 
+def _settle(api: Api) -> dict[str, Any]:
+    """Wait until everything written so far is sealed into the chain (within ~0.2 s)."""
+    deadline = time.monotonic() + 15
+    while True:
+        response = api.client.get("/v1/audit/verify")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        if body["pending"] == 0:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
 def _entries(api: Api, **params: Any) -> list[dict[str, Any]]:
+    _settle(api)
     out: list[dict[str, Any]] = []
     after = 0
     while True:
@@ -31,10 +45,7 @@ def _entries(api: Api, **params: Any) -> list[dict[str, Any]]:
 
 
 def _verify(api: Api) -> dict[str, Any]:
-    response = api.client.get("/v1/audit/verify")
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
+    return _settle(api)
 
 
 async def _sql(env: TestEnv, *statements: tuple[str, tuple[Any, ...]]) -> list[Any]:
@@ -51,7 +62,9 @@ async def _sql(env: TestEnv, *statements: tuple[str, tuple[Any, ...]]) -> list[A
 
 def _run_once(api: Api, name: str = "audited") -> dict[str, Any]:
     assert api.put_workflow(chain_workflow(name, 2)).status_code == 200
-    return api.wait(api.start(name, {"q": "x"}))
+    run = api.wait(api.start(name, {"q": "x"}))
+    _settle(api)
+    return run
 
 
 def test_a_run_leaves_a_verifiable_chain_of_what_happened(api: Api) -> None:

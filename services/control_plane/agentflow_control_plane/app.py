@@ -30,6 +30,7 @@ from agentflow_control_plane.engine.stalled import StalledStepWatch
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.governance.auth_failures import AuthFailureLog
+from agentflow_control_plane.governance.sealer import AuditSealer
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
 from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
 from agentflow_control_plane.state import AppState
@@ -67,10 +68,14 @@ async def start_engine(state: AppState) -> None:
     await state.anchors.start()
     if state.auth_failures is not None:
         state.auth_failures.start()
+    if settings.governance_enabled:
+        state.sealer = AuditSealer(state.engine, interval_s=settings.audit_seal_interval_s)
+        state.sealer.start()
 
 
 async def stop_engine(state: AppState) -> None:
-    for part in (state.auth_failures, state.anchors, state.results, state.timers, state.dispatcher):
+    # The sealer goes after everything that queues entries, so their last ones are sealed.
+    for part in (state.auth_failures, state.anchors, state.results, state.timers, state.dispatcher, state.sealer):
         if part is not None:
             with contextlib.suppress(Exception):
                 await part.stop()

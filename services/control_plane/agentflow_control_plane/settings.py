@@ -52,6 +52,8 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     governance: Literal["on", "off"] = "on"
     #: How often each tenant's chain head is published to the anchor stream (0: never).
     audit_anchor_interval_s: float = Field(60.0, ge=0)
+    #: How often queued audit entries are sealed into their chains.
+    audit_seal_interval_s: float = Field(0.2, gt=0, le=60)
     #: Auth failures are counted and written to the audit chain this often.
     audit_auth_flush_s: float = Field(5.0, gt=0)
     #: Also append every anchor as a JSON line to this file (optional).

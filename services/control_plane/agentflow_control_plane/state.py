@@ -15,6 +15,7 @@ from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.governance.auth_failures import AuthFailureLog
+from agentflow_control_plane.governance.sealer import AuditSealer
 from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.tools_config import ToolsConfig
 
@@ -35,3 +36,4 @@ class AppState:
     timers: Timers | None = None
     anchors: AnchorPublisher | None = None
     auth_failures: AuthFailureLog | None = None
+    sealer: AuditSealer | None = None

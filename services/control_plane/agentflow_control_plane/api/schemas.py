@@ -178,6 +178,7 @@ class AuditVerifyOut(BaseModel):
     recorded_length: int = Field(description="the chain length the database's head row records")
     anchor: AnchorOut | None = Field(None, description="the last external anchor, when one was published")
     elapsed_s: float
+    pending: int = Field(0, description="entries written but not yet sealed into the chain (sealed within ~0.2 s)")
 
 
 class CostGroupOut(BaseModel):

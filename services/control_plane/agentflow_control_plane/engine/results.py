@@ -292,7 +292,6 @@ class ResultProcessor:
         metrics.RESULTS_BATCH.observe(len(incoming))
         if writes.ledger:
             metrics.record_spend(writes.ledger)
-        metrics.AUDIT_ENTRIES.inc(len(writes.audits))
         for latency in latencies:
             metrics.STEP_LATENCY.observe(latency)
         await self._dispatcher.confirm(outgoing, sent)

@@ -18,7 +18,6 @@ import orjson
 
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.governance import audit_store
-from agentflow_core.audit import Prepared, prepare
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
 from agentflow_core.spec import WorkflowSpec, inline_agent, workflow_tools_of
@@ -67,8 +66,8 @@ class WriteSet:
     cancel_steps: list[uuid.UUID] = field(default_factory=list)
     #: messages for workers, published on the cancel subject after commit
     cancel_notices: list[dict[str, Any]] = field(default_factory=list)
-    #: audit entries, appended to their tenants' chains by the same transaction
-    audits: list[Prepared] = field(default_factory=list)
+    #: audit entries, queued by the same statement (the sealer chains them)
+    audits: list[audit_store.QueuedEntry] = field(default_factory=list)
     #: cost ledger rows (see ``add_spend``)
     ledger: list[tuple[Any, ...]] = field(default_factory=list)
     #: False only in dev mode with ``AGENTFLOW_GOVERNANCE=off`` (the benchmark baseline)
@@ -76,9 +75,7 @@ class WriteSet:
 
     def audit(self, tenant: str, action: str, resource: str, data: dict[str, Any], actor: str = ENGINE) -> None:
         if self.governance:
-            self.audits.append(
-                prepare(tenant=tenant, ts=self.now, actor=actor, action=action, resource=resource, data=data)
-            )
+            self.audits.append(audit_store.queued(tenant, self.now, actor, action, resource, data))
 
     def add_envelope(
         self,
@@ -346,6 +343,12 @@ class WriteSet:
                 + columns(self.ledger, LEDGER_CASTS)
                 + ") ON CONFLICT DO NOTHING)"
             )
+        if self.audits:
+            ctes.append(
+                f"new_audits AS (INSERT INTO audit_queue ({audit_store.QUEUE_COLUMNS}) SELECT * FROM unnest("
+                + columns(self.audits, audit_store.QUEUE_CASTS)
+                + f") AS u{guard})"
+            )
         if self.envelopes:
             ctes.append(
                 "new_envelopes AS (INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
@@ -366,7 +369,6 @@ class WriteSet:
                 + f") AS u{guard} RETURNING id)"
             )
         if not ctes:
-            await audit_store.append(conn, self.audits)
             return True
         inserted = "(SELECT count(*) FROM new_run)" if self.new_run is not None else "1"
         outbox_ids = "ARRAY(SELECT id FROM new_outbox ORDER BY id)" if self.outbox else "NULL::bigint[]"
@@ -376,9 +378,6 @@ class WriteSet:
             # Serial ids follow the unnest order, so ids and messages pair up in order.
             for msg, outbox_id in zip(self.outbox, row[1], strict=True):
                 msg.outbox_id = outbox_id
-        if row[0]:
-            # Last, so the tenant's chain head is the last lock this transaction takes.
-            await audit_store.append(conn, self.audits)
         return bool(row[0])
 
 

@@ -1,17 +1,24 @@
-"""The audit chain in Postgres: appending inside the caller's transaction, reading, verifying.
+"""The audit chain in Postgres: queueing with each change, sealing into the chain, reading, verifying.
 
-Appending locks each affected tenant's ``audit_heads`` row (in tenant order, so two
-transactions never deadlock) as the LAST lock its transaction takes: every engine path
-locks runs and steps first. The head lock is held only for two short statements and the
-commit, and tenants never wait for each other. Entries are canonicalized before the lock
-(:func:`agentflow_core.audit.prepare`); under it only SHA-256 links are computed.
+Writing is two-phase, like a transparency log's queue and sequencer:
 
-Nothing is appended before commit: the entries are written by the same transaction as
-the change they record, so a rolled-back change leaves no entry.
+1. **Queue**: a change's entries are inserted into ``audit_queue`` by the change's own
+   transaction (a data-modifying CTE of the engine's one flush statement, or one insert on
+   the API paths). Nothing is written before commit and a rolled-back change leaves
+   nothing; no lock is taken, so the engine's transactions never wait for a chain.
+2. **Seal**: :func:`seal` takes a tenant's ``audit_heads`` row (``FOR UPDATE SKIP LOCKED``:
+   another control plane sealing that tenant is left alone), links up to a few thousand
+   queued entries after the head (:mod:`agentflow_core.audit`), inserts them into the
+   forward-only ``audits`` table, deletes them from the queue and moves the head, in one
+   transaction. The sealer runs every ``AGENTFLOW_AUDIT_SEAL_INTERVAL_S`` (0.2 s).
+
+A queued entry is protected by the database only (UPDATE refused by a trigger) until it
+is sealed; ``verify`` reports how many are pending.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -21,64 +28,110 @@ from typing import Any
 import asyncpg
 import orjson
 
-from agentflow_core.audit import GENESIS_HASH, ChainVerifier, Linked, Prepared, format_ts, link_all
+from agentflow_core.audit import GENESIS_HASH, ChainVerifier, Prepared, format_ts, link_all, prepare
+from agentflow_core.canonical import content_hash
 
-HEADS_SQL = (
-    "SELECT tenant_id, seq, hash FROM audit_heads WHERE tenant_id = ANY($1::text[]) ORDER BY tenant_id FOR UPDATE"
-)
+#: one queued entry: (tenant, ts, actor, action, resource, data as JSON text)
+QueuedEntry = tuple[str, datetime, str, str, str, str]
+
+QUEUE_CASTS = ("text[]", "timestamptz[]", "text[]", "text[]", "text[]", "jsonb[]")
+QUEUE_COLUMNS = "tenant_id, ts, actor, action, resource, data"
+
+#: most entries sealed per tenant per transaction
+SEAL_BATCH = 5000
+
+
+def queued(tenant: str, ts: datetime, actor: str, action: str, resource: str, data: dict[str, Any]) -> QueuedEntry:
+    """An entry to queue (cheap: canonicalization waits for the sealer)."""
+    return (tenant, ts, actor, action, resource, orjson.dumps(data).decode())
+
+
+def _prepare_row(tenant: str, row: asyncpg.Record) -> tuple[Prepared, str]:
+    """A queued row ready to link, and the data text to store. An entry that cannot be
+    canonicalized (it should never happen: the engine writes ids, hashes and integers)
+    must not block its tenant's chain forever: it is sealed as a record of that fact."""
+    data_text: str = row[5]
+    try:
+        return prepare(tenant=tenant, ts=row[1], actor=row[2], action=row[3], resource=row[4],
+                       data=orjson.loads(data_text)), data_text  # fmt: skip
+    except ValueError as exc:
+        data = {"unsealable": content_hash(data_text), "reason": str(exc)[:200].replace("\x00", "")}
+        entry = prepare(tenant=tenant, ts=row[1], actor=row[2][:256].replace("\x00", ""), action=row[3],
+                        resource=row[4].replace("\x00", ""), data=data)  # fmt: skip
+        return entry, orjson.dumps(data).decode()
+
+
+async def enqueue(conn: asyncpg.Connection, entries: Sequence[QueuedEntry]) -> None:
+    """Queue entries inside the caller's transaction (the API paths; the engine queues its
+    own through ``WriteSet.flush``)."""
+    if entries:
+        columns = [list(col) for col in zip(*entries, strict=True)]
+        await conn.execute(
+            f"INSERT INTO audit_queue ({QUEUE_COLUMNS}) SELECT * FROM unnest("
+            + ", ".join(f"${i + 1}::{cast}" for i, cast in enumerate(QUEUE_CASTS))
+            + ")",
+            *columns,
+        )
+
 
 APPEND_SQL = (
     "WITH appended AS (INSERT INTO audits (tenant_id, seq, ts, actor, action, resource, data, prev_hash, hash)"
-    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],"
-    " $7::jsonb[], $8::text[], $9::text[])) "
-    "UPDATE audit_heads AS h SET seq = u.seq, hash = u.hash"
-    " FROM unnest($10::text[], $11::bigint[], $12::text[]) AS u(tenant_id, seq, hash)"
-    " WHERE h.tenant_id = u.tenant_id"
+    " SELECT $1, * FROM unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],"
+    " $7::jsonb[], $8::text[], $9::text[])), "
+    "dequeued AS (DELETE FROM audit_queue WHERE id = ANY($10::bigint[])) "
+    "UPDATE audit_heads SET seq = $11, hash = $12 WHERE tenant_id = $1"
 )
 
 
-async def append(conn: asyncpg.Connection, entries: Sequence[Prepared]) -> list[Linked]:
-    """Append ``entries`` (in order, per tenant) to their tenants' chains. Must run inside
-    the transaction that makes the recorded changes, as its last statements."""
-    if not entries:
-        return []
-    tenants = sorted({e.tenant for e in entries})
-    heads = {r[0]: (int(r[1]), str(r[2])) for r in await conn.fetch(HEADS_SQL, tenants)}
-    missing = [t for t in tenants if t not in heads]
-    if missing:  # a tenant's first entry ever: create its head, then lock it like the rest
+async def seal(conn: asyncpg.Connection, tenant: str, *, batch: int = SEAL_BATCH) -> int:
+    """Link one batch of ``tenant``'s queued entries into its chain. Returns how many were
+    sealed (0 also when another process holds the tenant's head right now)."""
+    async with conn.transaction():
         await conn.execute(
-            "INSERT INTO audit_heads (tenant_id, seq, hash) SELECT t, 0, $2 FROM unnest($1::text[]) AS t"
-            " ON CONFLICT (tenant_id) DO NOTHING",
-            missing,
+            "INSERT INTO audit_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING",
+            tenant,
             GENESIS_HASH,
         )
-        heads = {r[0]: (int(r[1]), str(r[2])) for r in await conn.fetch(HEADS_SQL, tenants)}
-    by_tenant: dict[str, list[Prepared]] = {}
-    for entry in entries:
-        by_tenant.setdefault(entry.tenant, []).append(entry)
-    linked: list[Linked] = []
-    new_heads: list[tuple[str, int, str]] = []
-    for tenant in tenants:
-        seq, head = heads[tenant]
-        chain = link_all(seq, head, by_tenant[tenant])
-        linked += chain
-        new_heads.append((tenant, chain[-1].seq, chain[-1].hash))
-    await conn.execute(
-        APPEND_SQL,
-        [x.entry.tenant for x in linked],
-        [x.seq for x in linked],
-        [x.entry.ts for x in linked],
-        [x.entry.actor for x in linked],
-        [x.entry.action for x in linked],
-        [x.entry.resource for x in linked],
-        [orjson.dumps(x.entry.data).decode() for x in linked],
-        [x.prev_hash for x in linked],
-        [x.hash for x in linked],
-        [h[0] for h in new_heads],
-        [h[1] for h in new_heads],
-        [h[2] for h in new_heads],
-    )
-    return linked
+        head = await conn.fetchrow(
+            "SELECT seq, hash FROM audit_heads WHERE tenant_id = $1 FOR UPDATE SKIP LOCKED", tenant
+        )
+        if head is None:
+            return 0
+        rows = await conn.fetch(
+            "SELECT id, ts, actor, action, resource, data::text FROM audit_queue WHERE tenant_id = $1"
+            " ORDER BY id LIMIT $2",
+            tenant,
+            batch,
+        )
+        if not rows:
+            return 0
+        ready = [_prepare_row(tenant, r) for r in rows]
+        linked = link_all(int(head[0]), str(head[1]), [p for p, _ in ready])
+        await conn.execute(
+            APPEND_SQL,
+            tenant,
+            [x.seq for x in linked],
+            [x.entry.ts for x in linked],
+            [x.entry.actor for x in linked],
+            [x.entry.action for x in linked],
+            [x.entry.resource for x in linked],
+            [text for _, text in ready],
+            [x.prev_hash for x in linked],
+            [x.hash for x in linked],
+            [r[0] for r in rows],
+            linked[-1].seq,
+            linked[-1].hash,
+        )
+        return len(linked)
+
+
+async def seal_all(conn: asyncpg.Connection) -> int:
+    """Seal what is queued for every tenant (one batch each). Returns how many entries."""
+    tenants = [r[0] for r in await conn.fetch("SELECT DISTINCT tenant_id FROM audit_queue")]
+    total = 0
+    for tenant in sorted(tenants):
+        total += await seal(conn, tenant)
+    return total
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -171,6 +224,7 @@ class Verification:
     recorded_length: int
     anchors_checked: int
     elapsed_s: float
+    pending: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -182,14 +236,13 @@ class Verification:
             "recorded_length": self.recorded_length,
             "anchors_checked": self.anchors_checked,
             "elapsed_s": round(self.elapsed_s, 3),
+            "pending": self.pending,
         }
 
 
 async def verify(conn: asyncpg.Connection, tenant: str, anchors: dict[int, str] | None = None) -> Verification:
     """Walk the whole chain, recomputing every hash. ``anchors`` (seq -> hash) are the
     externally published heads the stored chain must still match."""
-    import time
-
     started = time.perf_counter()
     checker = ChainVerifier(tenant, anchors=dict(anchors or {}))
     recorded = await conn.fetchval("SELECT seq FROM audit_heads WHERE tenant_id = $1", tenant)
@@ -220,4 +273,5 @@ async def verify(conn: asyncpg.Connection, tenant: str, anchors: dict[int, str] 
         recorded_length=int(recorded or 0),
         anchors_checked=checker.anchors_checked,
         elapsed_s=time.perf_counter() - started,
+        pending=int(await conn.fetchval("SELECT count(*) FROM audit_queue WHERE tenant_id = $1", tenant)),
     )

@@ -20,7 +20,6 @@ from agentflow_bus.tasks import stop_task
 from agentflow_control_plane.db.session import pg_transaction
 from agentflow_control_plane.engine.writes import clean_text
 from agentflow_control_plane.governance import audit_store
-from agentflow_core.audit import prepare
 
 log = logging.getLogger("agentflow.audit.auth")
 
@@ -70,14 +69,10 @@ class AuthFailureLog:
         for (tenant, status, reason, client), t in sorted(tallies.items(), key=lambda kv: kv[0]):
             data = {"status": status, "reason": reason, "count": t.count, "path": t.path,
                     "first": t.first.isoformat(), "last": t.last.isoformat()}  # fmt: skip
-            entries.append(
-                prepare(
-                    tenant=tenant, ts=now, actor=f"client:{client}", action="auth.failed", resource="api", data=data
-                )
-            )
+            entries.append(audit_store.queued(tenant, now, f"client:{client}", "auth.failed", "api", data))
         try:
             async with pg_transaction(self._engine) as conn:
-                await audit_store.append(conn, entries)
+                await audit_store.enqueue(conn, entries)
         except Exception:
             # Keep the counts for the next round rather than lose them.
             for key, t in tallies.items():

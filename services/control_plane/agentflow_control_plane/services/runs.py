@@ -17,7 +17,6 @@ from agentflow_control_plane.engine.decisions import from_ms, now_ms, run_finish
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
 from agentflow_control_plane.governance import audit_store
-from agentflow_core.audit import prepare
 from agentflow_core.canonical import content_hash
 from agentflow_core.errors import Conflict
 
@@ -94,11 +93,8 @@ async def create_run(
         writes.new_step(compiled.spec, repo.tenant, run_id, request)
     if outcome is not None:
         writes.audit(repo.tenant, "run.finished", f"run:{run_id}", run_finished_data(run_id, status, outcome.error))
-    # The run, its first steps, their envelopes and outbox rows in one statement, then the
-    # audit entries: one transaction.
-    async with conn.transaction():
-        inserted = await writes.flush(conn)
-    if not inserted:
+    # The run, its first steps, their envelopes, outbox rows and audit entries: one atomic statement.
+    if not await writes.flush(conn):
         # Lost a race with a concurrent request carrying the same idempotency key.
         assert idempotency_key is not None
         existing = await _existing(repo, idempotency_key, request_hash)
@@ -110,10 +106,8 @@ async def create_run(
 async def cancel_run(repo: TenantRepository, run_id: uuid.UUID, *, actor: str, governance: bool = True) -> Run:
     run, changed = await repo.cancel_run(run_id)
     if changed and governance:
-        entry = prepare(
-            tenant=repo.tenant, ts=datetime.now(UTC), actor=actor, action="run.cancelled", resource=f"run:{run_id}",
-            data={"run": str(run_id)},
-        )  # fmt: skip
-        await audit_store.append(await repo.driver(), [entry])
+        entry = audit_store.queued(repo.tenant, datetime.now(UTC), actor, "run.cancelled", f"run:{run_id}",
+                                   {"run": str(run_id)})  # fmt: skip
+        await audit_store.enqueue(await repo.driver(), [entry])
     await repo.session.commit()
     return run

@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 
 from agentflow_control_plane.db.repository import StoredVersion, TenantRepository
 from agentflow_control_plane.governance import audit_store
-from agentflow_core.audit import prepare
 from agentflow_core.spec import parse_workflow
 from agentflow_core.tools_config import ToolsConfig
 
@@ -18,12 +17,10 @@ async def put_workflow(
     spec = parse_workflow(source, name=name, tools=tools)
     stored = await repo.put_workflow_version(name, spec.model_dump(mode="json"), spec.spec_hash())
     if stored.created and governance:
-        entry = prepare(
-            tenant=repo.tenant, ts=datetime.now(UTC), actor=actor,
-            action="workflow.created" if stored.version == 1 else "workflow.updated",
-            resource=f"workflow:{name}",
-            data={"workflow": name, "version": stored.version, "spec_hash": stored.spec_hash},
+        entry = audit_store.queued(
+            repo.tenant, datetime.now(UTC), actor, "workflow.created" if stored.version == 1 else "workflow.updated",
+            f"workflow:{name}", {"workflow": name, "version": stored.version, "spec_hash": stored.spec_hash},
         )  # fmt: skip
-        await audit_store.append(await repo.driver(), [entry])
+        await audit_store.enqueue(await repo.driver(), [entry])
     await repo.session.commit()
     return stored
