@@ -110,7 +110,7 @@ async def verification(entries: int) -> dict[str, Any]:
                         x.hash,
                     )
                     for x in linked
-                ],  # fmt: skip
+                ],
                 columns=["tenant_id", "seq", "ts", "actor", "action", "resource", "data", "prev_hash", "hash"],
             )
         await db.execute("INSERT INTO audit_heads (tenant_id, seq, hash) VALUES ('bench', $1, $2)", seq, head)
