@@ -96,7 +96,8 @@ def runtime(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env = TestEnv.create(services)
     cluster = Cluster(env)
     plugin = _plugin_path(root / "plugin")
-    shared = {"AGENTFLOW_TOOLS_FILE": str(tools), "PYTHONPATH": plugin}
+    prices = json.dumps({"house-model": {"input_per_million": 1000, "output_per_million": 2000}})
+    shared = {"AGENTFLOW_TOOLS_FILE": str(tools), "PYTHONPATH": plugin, "AGENTFLOW_LLM_PRICES": prices}
     fake = FakeOpenAI().__enter__()
     try:
         _, url = cluster.control_plane(**shared)
@@ -104,9 +105,6 @@ def runtime(services: Services, tmp_path_factory: pytest.TempPathFactory) -> Ite
             cluster.worker(
                 name=f"rt-{i}",
                 AGENTFLOW_WORKSPACE_DIR=str(workspace),
-                AGENTFLOW_LLM_PRICES=json.dumps(
-                    {"house-model": {"input_per_million": 1000, "output_per_million": 2000}}
-                ),
                 AGENTFLOW_WORKER_HEARTBEAT_S="0.5",
                 **shared,
             )
@@ -406,3 +404,56 @@ def test_every_llm_and_tool_call_lands_in_the_cost_ledger_and_the_audit_chain(
     checked = subprocess.run([sys.executable, "-m", "agentflow_cli", "audit", "verify"],
                              capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert checked.returncode == 0 and "yes" in checked.stdout, checked.stdout + checked.stderr
+
+
+def test_dry_run_estimates_the_dispatches_the_run_then_makes(runtime: tuple[Api, Cluster, FakeOpenAI]) -> None:
+    api, cluster, fake = runtime
+    model = {"provider": "openai", "model": "house-model", "api_base": fake.api_base, "max_tokens": 50}
+    spec = {
+        "name": "estimated",
+        "agents": {
+            "draft": {"type": "llm", "model": model, "prompt": "Write about {topic}."},
+            "check": {"type": "echo"},
+            "polish": {"type": "llm", "model": model, "prompt": "Polish the draft."},
+        },
+        "planner": {
+            "type": "fsm",
+            "initial_state": "draft",
+            "states": {
+                "draft": {"on_success": "check"},
+                "check": {"on_success": "polish"},
+                "polish": {"on_success": "done"},
+            },
+            "final_states": ["done"],
+        },
+    }
+    _register(api, spec)
+    runs_before = len(api.client.get("/v1/runs", params={"workflow": "estimated"}).json())
+    dry = api.client.post(
+        "/v1/runs", params={"dry_run": "true"}, json={"workflow": "estimated", "input": {"topic": "tea"}}
+    )
+    assert dry.status_code == 200, dry.text
+    estimate = dry.json()["estimate"]
+    assert dry.json()["dry_run"] is True and dry.json()["version"] == 1
+    assert len(api.client.get("/v1/runs", params={"workflow": "estimated"}).json()) == runs_before  # nothing started
+    assert [s["agent"] for s in estimate["steps"]] == ["draft", "check", "polish"]
+    assert estimate["expected_steps"] == 3 and estimate["bounded"] is True
+    llm_steps = [s for s in estimate["steps"] if s["agent_type"] == "llm"]
+    # completion at max_tokens (no history yet), priced from the control plane's table
+    assert all(s["completion_tokens"] == 50 and s["price_known"] for s in llm_steps)
+    for s in llm_steps:
+        assert s["cost_usd"] == pytest.approx((s["prompt_tokens"] * 1000 + 50 * 2000) / 1e6, rel=1e-6)
+    assert estimate["expected_cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in estimate["steps"]), rel=1e-9)
+
+    fake.script({"content": "draft", "usage": {"prompt_tokens": 12, "completion_tokens": 40}},
+                {"content": "polished", "usage": {"prompt_tokens": 9, "completion_tokens": 30}})  # fmt: skip
+    run = api.wait(api.start("estimated", {"topic": "tea"}), timeout=60)
+    assert run["status"] == "succeeded", ([s["error"] for s in run["steps"]], cluster.logs())
+    assert [s["agent"] for s in run["steps"]] == [s["agent"] for s in estimate["steps"]]
+    stored = run["estimate"]
+    assert [s["agent"] for s in stored["steps"]] == ["draft", "check", "polish"]
+    if stored["notes"] == estimate["notes"]:  # same token counter (litellm loads in the background)
+        assert stored["expected_tokens"] == estimate["expected_tokens"]
+
+    missing = api.client.post("/v1/runs", params={"dry_run": "true"}, json={"workflow": "nope"})
+    assert missing.status_code == 404

@@ -30,6 +30,7 @@ from agentflow_control_plane.engine.stalled import StalledStepWatch
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.governance.auth_failures import AuthFailureLog
+from agentflow_control_plane.governance.estimates import Estimator
 from agentflow_control_plane.governance.sealer import AuditSealer
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
 from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
@@ -47,6 +48,7 @@ class ORJSONResponse(JSONResponse):
 async def start_engine(state: AppState) -> None:
     """Connect to Postgres and NATS (waiting for both), then start the engine loops."""
     settings = state.settings
+    state.estimator.load_litellm_in_background()
     await wait_for_database(state.engine)
     state.nc = await connect(settings, name="agentflow-control-plane")
     js = state.nc.jetstream()
@@ -88,6 +90,7 @@ async def stop_engine(state: AppState) -> None:
 def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = make_engine(settings.async_database_url, pool_size=settings.db_pool_size)
+    tools = load_tools_config(settings.tools_file)
     state = AppState(
         settings=settings,
         names=Names(settings.nats_prefix),
@@ -95,7 +98,8 @@ def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
         sessions=make_sessionmaker(engine),
         verifier=TokenVerifier(settings),
         specs=SpecCache(),
-        tools=load_tools_config(settings.tools_file),
+        tools=tools,
+        estimator=Estimator(settings.llm_prices, tools),
         auth_failures=AuthFailureLog(
             engine, interval_s=settings.audit_auth_flush_s, enabled=settings.governance_enabled
         ),

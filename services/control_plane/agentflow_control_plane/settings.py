@@ -52,6 +52,9 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     governance: Literal["on", "off"] = "on"
     #: How often each tenant's chain head is published to the anchor stream (0: never).
     audit_anchor_interval_s: float = Field(60.0, ge=0)
+    #: Prices of models litellm does not know (on-prem), the same table the workers read:
+    #: ``{"model": {"input_per_million": $, "output_per_million": $}}``; used for estimates.
+    llm_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
     #: How often queued audit entries are sealed into their chains.
     audit_seal_interval_s: float = Field(0.2, gt=0, le=60)
     #: Auth failures are counted and written to the audit chain this often.

@@ -15,6 +15,7 @@ from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.governance.auth_failures import AuthFailureLog
+from agentflow_control_plane.governance.estimates import Estimator
 from agentflow_control_plane.governance.sealer import AuditSealer
 from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.tools_config import ToolsConfig
@@ -30,6 +31,8 @@ class AppState:
     specs: SpecCache
     #: the tools config file (the same file the workers read), for validating workflows
     tools: ToolsConfig
+    #: preflight cost estimates (prices, token counter)
+    estimator: Estimator
     nc: Client | None = None
     dispatcher: Dispatcher | None = None
     results: ResultProcessor | None = None

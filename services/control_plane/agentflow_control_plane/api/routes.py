@@ -14,6 +14,7 @@ from agentflow_control_plane.api.deps import Reader, Writer
 from agentflow_control_plane.api.schemas import (
     CreateRunIn,
     CreateRunOut,
+    DryRunOut,
     EnvelopeOut,
     RunOut,
     RunStatus,
@@ -79,6 +80,7 @@ async def _run_out(repo: TenantRepository, run: Run) -> RunOut:
         finished_at=run.finished_at,
         steps=[_step_out(s) for s in steps],
         usage=UsageOut(prompt_tokens=prompt, completion_tokens=completion, cost_usd=f"{cost:f}"),
+        estimate=run.estimate,
         planner_state=run.planner_state,
     )
 
@@ -123,14 +125,28 @@ async def get_workflow(
     )
 
 
-@router.post("/runs", status_code=201, response_model=CreateRunOut, responses={200: {"model": CreateRunOut}})
+@router.post(
+    "/runs",
+    status_code=201,
+    response_model=CreateRunOut | DryRunOut,
+    responses={200: {"model": CreateRunOut | DryRunOut}},
+)
 async def create_run(
     body: CreateRunIn,
     caller: Writer,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    dry_run: Annotated[bool, Query(description="only estimate what the run would cost; start nothing")] = False,
 ) -> Any:
-    """Start a run. With an ``Idempotency-Key``, repeating the request returns the same run (200)."""
+    """Start a run. With an ``Idempotency-Key``, repeating the request returns the same run (200).
+    With ``dry_run=true``, return the preflight cost estimate and start nothing (200)."""
     state = caller.state
+    if dry_run:
+        dry = await run_service.estimate_run(
+            caller.repo, state.specs, state.estimator, workflow=body.workflow, version=body.version,
+            run_input=body.input,
+        )  # fmt: skip
+        out_dry = DryRunOut(workflow=dry.workflow, version=dry.version, estimate=dry.estimate)
+        return JSONResponse(out_dry.model_dump(mode="json"), status_code=200)
     dispatcher = caller.dispatcher
     created = await run_service.create_run(
         caller.repo,
@@ -141,6 +157,7 @@ async def create_run(
         run_input=body.input,
         idempotency_key=idempotency_key,
         actor=caller.actor,
+        estimator=state.estimator,
         governance=state.settings.governance_enabled,
     )
     if state.settings.fault_inject == "exit_after_commit" and created.outgoing:

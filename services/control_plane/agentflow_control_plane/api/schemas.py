@@ -41,6 +41,15 @@ class CreateRunOut(BaseModel):
     status: RunStatus
 
 
+class DryRunOut(BaseModel):
+    dry_run: Literal[True] = True
+    workflow: str
+    version: int
+    estimate: dict[str, Any] = Field(
+        description="expected path (steps), expected and worst-case tokens and dollars, and notes on assumptions"
+    )
+
+
 class StepOut(BaseModel):
     id: uuid.UUID
     seq: int
@@ -110,6 +119,9 @@ class RunOut(BaseModel):
     usage: UsageOut = Field(description="Tokens and dollars the run's steps reported (every attempt counts)")
     planner_state: Any = Field(
         None, description="The planner's state: current FSM state, tree node statuses, DAG progress, the LLM plan"
+    )
+    estimate: dict[str, Any] | None = Field(
+        None, description="The preflight cost estimate made when the run was created"
     )
 
 

@@ -94,6 +94,8 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: when the planner wants its next timer tick (BT timeouts/retries, re-runs)
     wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: the preflight cost estimate made at creation
+    estimate: Mapped[Any] = mapped_column(JSONB, nullable=True)
 
 
 class Step(Base):

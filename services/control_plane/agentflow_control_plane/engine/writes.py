@@ -234,7 +234,8 @@ class WriteSet:
         if self.new_run is not None:
             ctes.append(
                 "new_run AS (INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input, output,"
-                " error, planner_state, idempotency_key, request_hash, created_at, finished_at, wake_at) VALUES ("
+                " error, planner_state, idempotency_key, request_hash, created_at, finished_at, wake_at, estimate)"
+                " VALUES ("
                 + ", ".join(arg(v, c) for v, c in zip(self.new_run, RUN_CASTS, strict=True))
                 + ") ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
                 " RETURNING id)"
@@ -420,7 +421,7 @@ def _str_or_none(value: Any) -> str | None:
 
 ENVELOPE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "text[]", "text[]", "bytea[]")
 RUN_CASTS = ("uuid", "text", "text", "int", "text", "jsonb", "jsonb", "text", "jsonb", "text", "text",
-             "timestamptz", "timestamptz", "timestamptz")  # fmt: skip
+             "timestamptz", "timestamptz", "timestamptz", "jsonb")  # fmt: skip
 
 
 def dumps_or_none(value: Any) -> str | None:

@@ -17,6 +17,7 @@ from agentflow_control_plane.engine.decisions import from_ms, now_ms, run_finish
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
 from agentflow_control_plane.governance import audit_store
+from agentflow_control_plane.governance.estimates import Estimator
 from agentflow_core.canonical import content_hash
 from agentflow_core.errors import Conflict
 
@@ -27,6 +28,30 @@ class CreatedRun:
     status: str
     created: bool
     outgoing: list[OutMsg]
+
+
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    workflow: str
+    version: int
+    estimate: dict[str, Any]
+
+
+async def estimate_run(
+    repo: TenantRepository,
+    specs: SpecCache,
+    estimator: Estimator,
+    *,
+    workflow: str,
+    version: int | None,
+    run_input: Any,
+) -> DryRun:
+    """What a run would cost, without starting anything (``POST /v1/runs?dry_run=true``)."""
+    content_hash(run_input)  # the same 422 as a real run for input that cannot be canonicalized
+    resolved = await repo.resolve_version(workflow, version)
+    key = (repo.tenant, workflow, resolved)
+    compiled = (await specs.get_many(await repo.driver(), {key}))[key]
+    return DryRun(workflow, resolved, estimator.estimate(compiled.spec, run_input).as_dict())
 
 
 async def _existing(repo: TenantRepository, key: str, request_hash: str) -> CreatedRun | None:
@@ -48,6 +73,7 @@ async def create_run(
     run_input: Any,
     idempotency_key: str | None,
     actor: str,
+    estimator: Estimator | None = None,
     governance: bool = True,
 ) -> CreatedRun:
     # Raises CanonicalizationError (422) for NaN, Infinity, |int| >= 2**53 before anything is stored.
@@ -88,6 +114,7 @@ async def create_run(
         now,
         now if outcome else None,
         None if outcome else from_ms(decision.wake_at_ms),
+        dumps_or_none(estimator.estimate(compiled.spec, run_input).as_dict()) if estimator is not None else None,
     )
     for request in decision.dispatch:
         writes.new_step(compiled.spec, repo.tenant, run_id, request)
