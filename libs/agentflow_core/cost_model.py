@@ -98,7 +98,7 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Final
@@ -117,6 +117,8 @@ from agentflow_core.planners.models import (
     LlmPlannerSpec,
 )
 from agentflow_core.spec import AgentSpec, WorkflowSpec, inline_agent
+from agentflow_core.strongly_connected import strongly_connected
+from agentflow_core.templating import TemplateSyntaxError, parse_template, placeholder_text, value_text
 from agentflow_core.tools_config import ToolsConfig
 
 #: completion tokens assumed when ``max_tokens`` is not set (the worker's budget check does the same)
@@ -291,49 +293,6 @@ class PlanEstimate:
 
 # --- templates (the worker's grammar; see agentflow_worker.agents.templating) ---------------
 
-_SEGMENT = r"[A-Za-z0-9_-]+"
-_PLACEHOLDER = re.compile(rf"\{{({_SEGMENT}(?:\.{_SEGMENT})*)\}}")
-
-
-class _TemplateError(ValueError):
-    pass
-
-
-@lru_cache(maxsize=1024)
-def _parse(template: str) -> tuple[str | tuple[str, ...], ...]:
-    """Literal text and placeholder paths; raises _TemplateError where the worker would."""
-    parts: list[str | tuple[str, ...]] = []
-    literal: list[str] = []
-    i, n = 0, len(template)
-    while i < n:
-        ch = template[i]
-        if ch == "{":
-            if template.startswith("{{", i):
-                literal.append("{")
-                i += 2
-                continue
-            match = _PLACEHOLDER.match(template, i)
-            if match is None:
-                raise _TemplateError(f"'{{' at position {i} does not start a placeholder")
-            if literal:
-                parts.append("".join(literal))
-                literal = []
-            parts.append(tuple(match.group(1).split(".")))
-            i = match.end()
-        elif ch == "}":
-            if template.startswith("}}", i):
-                literal.append("}")
-                i += 2
-                continue
-            raise _TemplateError(f"unmatched '}}' at position {i}")
-        else:
-            nxt = min((p for p in (template.find("{", i), template.find("}", i)) if p != -1), default=n)
-            literal.append(template[i:nxt])
-            i = nxt
-    if literal:
-        parts.append("".join(literal))
-    return tuple(parts)
-
 
 def _has_unknown(value: Any) -> bool:
     if value is UNKNOWN:
@@ -371,19 +330,13 @@ def _lookup(path: tuple[str, ...], scope: Mapping[str, Any], input_unknown: bool
     return UNKNOWN if _has_unknown(value) else value
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
 def render_preflight(template: str, payload: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
     """``template`` filled from a step payload (``{"input", "last"}``) as the worker would,
     and notes. Placeholders that cannot be filled (UNKNOWN data, or missing fields the
     worker would fail on) are kept as written; bad braces keep the whole text."""
     try:
-        parts = _parse(template)
-    except _TemplateError as exc:
+        parts = parse_template(template)
+    except TemplateSyntaxError as exc:
         return template, (f"template error, the step would fail: {exc}",)
     data = payload.get("input")
     scope: dict[str, Any] = dict(data) if isinstance(data, dict) else {}
@@ -398,7 +351,7 @@ def render_preflight(template: str, payload: Mapping[str, Any]) -> tuple[str, tu
             out.append(part)
             continue
         value = _lookup(part, scope, input_unknown)
-        written = "{" + ".".join(part) + "}"
+        written = placeholder_text(part)
         if value is UNKNOWN:
             unknown.append(written)
             out.append(written)
@@ -406,7 +359,7 @@ def render_preflight(template: str, payload: Mapping[str, Any]) -> tuple[str, tu
             missing.append(written)
             out.append(written)
         else:
-            out.append(_text(value))
+            out.append(value_text(value))
     notes: list[str] = []
     if unknown:
         notes.append(f"placeholders filled only at run time, counted as written: {', '.join(unknown)}")
@@ -809,51 +762,11 @@ def _fsm_edges(st: FsmState) -> list[str]:
 
 
 def _cyclic(nodes: Sequence[str], edges: Mapping[str, Sequence[str]]) -> set[str]:
-    """Nodes on some cycle (iterative Tarjan: linear, no recursion limit)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
+    """Nodes on some cycle: members of a multi-node component, or with an edge to themselves."""
     found: set[str] = set()
-    counter = 0
-    for root in nodes:
-        if root in index:
-            continue
-        work: list[tuple[str, Iterator[str]]] = [(root, iter(edges.get(root, ())))]
-        index[root] = low[root] = counter
-        counter += 1
-        stack.append(root)
-        on_stack.add(root)
-        while work:
-            node, successors = work[-1]
-            advanced = False
-            for nxt in successors:
-                if nxt not in index:
-                    index[nxt] = low[nxt] = counter
-                    counter += 1
-                    stack.append(nxt)
-                    on_stack.add(nxt)
-                    work.append((nxt, iter(edges.get(nxt, ()))))
-                    advanced = True
-                    break
-                if nxt in on_stack:
-                    low[node] = min(low[node], index[nxt])
-            if advanced:
-                continue
-            work.pop()
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-            if low[node] == index[node]:
-                component: list[str] = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                if len(component) > 1 or node in edges.get(node, ()):
-                    found.update(component)
+    for component in strongly_connected(nodes, edges):
+        if len(component) > 1 or component[0] in edges.get(component[0], ()):
+            found.update(component)
     return found
 
 

@@ -68,6 +68,7 @@ from agentflow_core.planners.common import (
     with_output,
 )
 from agentflow_core.planners.models import DagPlannerSpec, DagStep
+from agentflow_core.strongly_connected import strongly_connected
 
 CONDITION_FALSE = "condition false"
 UPSTREAM_FAILED = "upstream failed"
@@ -93,47 +94,7 @@ def find_cycles(order: Sequence[str], deps: Mapping[str, Sequence[str]]) -> list
     position = {name: i for i, name in enumerate(order)}
     edges = {name: [d for d in deps.get(name, ()) if d in position] for name in order}
 
-    # Tarjan, iteratively: specs can be long chains and recursion would hit the limit.
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    components: list[list[str]] = []
-    for root in order:
-        if root in index:
-            continue
-        index[root] = low[root] = len(index)
-        stack.append(root)
-        on_stack.add(root)
-        work = [(root, iter(edges[root]))]
-        while work:
-            node, it = work[-1]
-            descended = False
-            for nxt in it:
-                if nxt not in index:
-                    index[nxt] = low[nxt] = len(index)
-                    stack.append(nxt)
-                    on_stack.add(nxt)
-                    work.append((nxt, iter(edges[nxt])))
-                    descended = True
-                    break
-                if nxt in on_stack:
-                    low[node] = min(low[node], index[nxt])
-            if descended:
-                continue
-            work.pop()
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-            if low[node] == index[node]:
-                component: list[str] = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    component.append(member)
-                    if member == node:
-                        break
-                components.append(component)
+    components = strongly_connected(order, edges)
 
     cycles: list[list[str]] = []
     for component in components:

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from agentflow_bus.subjects import Names
 from agentflow_bus.tasks import stop_task
 from agentflow_control_plane.db.session import pg_autocommit
+from agentflow_core.audit import format_ts
 
 log = logging.getLogger("agentflow.audit.anchors")
 
@@ -100,7 +101,7 @@ class AnchorPublisher:
                     "tenant": tenant,
                     "seq": int(seq),
                     "hash": digest,
-                    "ts": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "ts": format_ts(datetime.now(UTC)),
                 }
                 body = orjson.dumps(anchor)
                 await self._js.publish(

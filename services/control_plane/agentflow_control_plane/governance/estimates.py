@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+from dataclasses import replace
 from typing import Any
 
 from agentflow_core.cost_model import CostEnv, ModelPrice, PlanEstimate, estimate_plan, tool_cost_lookup
@@ -107,6 +108,4 @@ class Estimator:
 
 
 def _with_note(estimate: PlanEstimate, note: str) -> PlanEstimate:
-    from dataclasses import replace
-
     return replace(estimate, notes=(*estimate.notes, note))

@@ -1,6 +1,7 @@
 """Filling ``{input.field}`` placeholders from a step: URLs, headers, SQL parameters, prompts.
 
-The grammar is deliberately small and strict, like :meth:`str.format`:
+The grammar (``agentflow_core.templating``, shared with the preflight cost model) is
+deliberately small and strict, like :meth:`str.format`:
 
 * ``{path}`` where ``path`` is dot-separated segments of ``[A-Za-z0-9_-]``: the first
   segment names a key of the scope (``input``, ``last``, or a top-level key of the input,
@@ -14,20 +15,16 @@ Strings are inserted as they are; every other value as JSON (``true``, ``null``,
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from agentflow_core.templating import TemplateSyntaxError, parse_template, placeholder_text, value_text
 from agentflow_worker.agents.base import AgentError
 
 if TYPE_CHECKING:
     from agentflow_worker.agents.base import StepContext
-
-_SEGMENT = r"[A-Za-z0-9_-]+"
-_PLACEHOLDER = re.compile(rf"\{{({_SEGMENT}(?:\.{_SEGMENT})*)\}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +33,7 @@ class _Field:
 
     @property
     def text(self) -> str:
-        return "{" + ".".join(self.path) + "}"
+        return placeholder_text(self.path)
 
 
 _Part = str | _Field
@@ -44,40 +41,11 @@ _Part = str | _Field
 
 @lru_cache(maxsize=1024)
 def _parse(template: str) -> tuple[_Part, ...]:
-    parts: list[_Part] = []
-    literal: list[str] = []
-    i, n = 0, len(template)
-    while i < n:
-        ch = template[i]
-        if ch == "{":
-            if template.startswith("{{", i):
-                literal.append("{")
-                i += 2
-                continue
-            match = _PLACEHOLDER.match(template, i)
-            if match is None:
-                raise AgentError(
-                    f"template: '{{' at position {i} does not start a placeholder like {{input.field}} "
-                    f"(near {template[i : i + 30]!r}); write '{{{{' for a literal brace"
-                )
-            if literal:
-                parts.append("".join(literal))
-                literal = []
-            parts.append(_Field(tuple(match.group(1).split("."))))
-            i = match.end()
-        elif ch == "}":
-            if template.startswith("}}", i):
-                literal.append("}")
-                i += 2
-                continue
-            raise AgentError(f"template: unmatched '}}' at position {i}; write '}}}}' for a literal brace")
-        else:
-            nxt = min((p for p in (template.find("{", i), template.find("}", i)) if p != -1), default=n)
-            literal.append(template[i:nxt])
-            i = nxt
-    if literal:
-        parts.append("".join(literal))
-    return tuple(parts)
+    try:
+        parts = parse_template(template)
+    except TemplateSyntaxError as exc:
+        raise AgentError(str(exc)) from None
+    return tuple(p if isinstance(p, str) else _Field(p) for p in parts)
 
 
 def _kind(value: Any) -> str:
@@ -122,12 +90,6 @@ def _lookup(field: _Field, scope: dict[str, Any]) -> Any:
     return value
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
-
-
 def render(template: str, scope: dict[str, Any], *, url_quote: bool = False) -> str:
     """Fill every placeholder of ``template`` from ``scope``.
 
@@ -139,7 +101,7 @@ def render(template: str, scope: dict[str, Any], *, url_quote: bool = False) -> 
         if isinstance(part, str):
             out.append(part)
             continue
-        text = _text(_lookup(part, scope))
+        text = value_text(_lookup(part, scope))
         out.append(quote(text, safe="") if url_quote else text)
     return "".join(out)
 
