@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import orjson
@@ -41,6 +42,14 @@ class AgentCall(TypedDict):
     tools: NotRequired[list[dict[str, Any]]]
 
 
+class StepBudget(TypedDict, total=False):
+    """The worst-case amounts the control plane reserved for this attempt; the worker
+    refuses any model or tool call that could take the step past them."""
+
+    max_cost_usd: float | int
+    max_tokens: int
+
+
 class StepEnvelope(TypedDict):
     v: int
     kind: Literal["step"]
@@ -51,6 +60,8 @@ class StepEnvelope(TypedDict):
     attempt: int
     agent: AgentCall
     payload: dict[str, Any]
+    #: the attempt's budget reservation (hard budgets); absent: no cap
+    budget: NotRequired[StepBudget]
     hash: NotRequired[str]
 
 
@@ -152,7 +163,33 @@ def check_step(body: dict[str, Any]) -> StepEnvelope:
     _require(agent, "name", str)
     _require(agent, "type", str)
     _require(agent, "config", dict)
+    if "budget" in body:
+        _check_budget(body["budget"])
     return cast(StepEnvelope, body)
+
+
+def _check_budget(budget: Any) -> None:
+    if not isinstance(budget, dict):
+        raise EnvelopeRejected("malformed envelope: field 'budget' must be an object")
+    if "max_cost_usd" in budget:
+        cost = budget["max_cost_usd"]
+        # A cap the worker cannot compare against (NaN, a bool, a string) would let the
+        # step spend without limit; refuse it rather than guess.
+        if (
+            isinstance(cost, bool)
+            or not isinstance(cost, (int, float))
+            or (isinstance(cost, float) and not math.isfinite(cost))
+            or cost < 0
+        ):
+            raise EnvelopeRejected(
+                f"malformed envelope: field 'budget' max_cost_usd must be a finite number >= 0, got {cost!r:.40}"
+            )
+    if "max_tokens" in budget:
+        tokens = budget["max_tokens"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise EnvelopeRejected(
+                f"malformed envelope: field 'budget' max_tokens must be an integer >= 0, got {tokens!r:.40}"
+            )
 
 
 def check_result(body: dict[str, Any]) -> ResultEnvelope | StartedNotice:

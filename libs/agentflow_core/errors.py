@@ -13,6 +13,7 @@ maps the hierarchy to HTTP responses in exactly one place
     ├── Forbidden                       403 forbidden
     ├── Conflict                        409 conflict
     ├── PayloadTooLarge                 413 payload_too_large
+    ├── BudgetExceeded                  402 budget_exceeded     (a hard budget cannot take a new run)
     ├── EnvelopeRejected                422 envelope_rejected   (hash mismatch, malformed)
     ├── Unavailable                     503 unavailable         (dependencies not reachable yet)
     └── ConfigurationError              500 configuration       (refuses to start)
@@ -66,6 +67,11 @@ class Forbidden(AgentFlowError):
 class Conflict(AgentFlowError):
     status_code = 409
     code = "conflict"
+
+
+class BudgetExceeded(AgentFlowError):
+    status_code = 402
+    code = "budget_exceeded"
 
 
 class PayloadTooLarge(AgentFlowError):

@@ -621,6 +621,148 @@ async def test_budget_gate_sees_the_estimate_and_can_refuse(fake: FakeOpenAI) ->
     assert len(fake.requests) == 1
 
 
+# --- budget reservation (the step envelope's "budget") --------------------------------------
+
+
+def reserved(
+    config: dict[str, Any], svc: WorkerServices, *, usd: float | None = None, tokens: int | None = None
+) -> StepContext:
+    ctx = context(config, svc)
+    ctx.budget_usd, ctx.budget_tokens = usd, tokens
+    return ctx
+
+
+def with_costed_tools(handler: ArithmeticHandler, cost: float) -> WorkerServices:
+    svc = services()
+    tools = [_tool(t, d).model_copy(update={"cost_per_call": cost}) for t, d in [("math.add", "Add two numbers")]]
+    svc.tools = ToolRuntime(ToolsConfig(tools=tools), {"command": handler}, secrets=svc.secrets)
+    return svc
+
+
+async def test_reservation_in_dollars_refuses_the_call_before_it_is_made(fake: FakeOpenAI) -> None:
+    fake.script({"content": "never sent"})
+    # No agent limits and no gate: the reservation alone must get past the early return.
+    ctx = reserved({"model": model(fake, max_tokens=1000), "prompt": "Hi"}, services(), usd=0.001)
+    with pytest.raises(AgentError) as info:
+        await LlmAgent().run(ctx)
+    message = str(info.value)
+    # 1000 completion tokens at $8 per million alone is $0.008.
+    assert message.startswith("budget_exceeded: this call may cost up to $0.008")
+    assert "(openai/my-llama, " in message and " prompt + 1000 max_tokens)" in message
+    assert message.endswith("; the step's budget reservation is $0.001 (spent $0)")
+    assert fake.requests == []
+    assert ctx.meter.llm_calls == []
+
+
+async def test_reservation_in_tokens_refuses_the_call_before_it_is_made(fake: FakeOpenAI) -> None:
+    fake.script({"content": "never sent"})
+    ctx = reserved({"model": model(fake, max_tokens=1000), "prompt": "Hi"}, services(), tokens=500)
+    with pytest.raises(
+        AgentError,
+        match=r"^budget_exceeded: this call may use up to \d+ tokens \(\d+ prompt \+ 1000 max_tokens\); "
+        r"the step's budget reservation is 500 tokens \(used 0\)$",
+    ):
+        await LlmAgent().run(ctx)
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("usd", "tokens", "expected"),
+    [
+        (None, 600, r"the step's budget reservation is 600 tokens \(used 450\)$"),
+        # First call: 400 prompt at $2/M + 50 completion at $8/M = $0.0012.
+        (0.0015, None, r"the step's budget reservation is \$0\.0015 \(spent \$0\.0012\)$"),
+    ],
+    ids=["tokens", "dollars"],
+)
+async def test_reservation_counts_earlier_calls_of_the_step(
+    fake: FakeOpenAI, usd: float | None, tokens: int | None, expected: str
+) -> None:
+    handler = ArithmeticHandler()
+    fake.script(
+        {
+            "tool_calls": [{"name": "math__add", "arguments": {"a": 1, "b": 2}}],
+            "usage": {"prompt_tokens": 400, "completion_tokens": 50},
+        },
+        {"content": "3"},
+    )
+    config = {"model": model(fake, max_tokens=100), "prompt": "Add.", "tools": ["math.add"]}
+    ctx = reserved(config, services(handler=handler), usd=usd, tokens=tokens)
+    with pytest.raises(AgentError, match="^budget_exceeded: .*" + expected):
+        await LlmAgent().run(ctx)
+    assert len(fake.requests) == 1
+    assert handler.calls == [("math.add", {"a": 1, "b": 2})]
+
+
+async def test_big_enough_reservation_lets_the_step_run(fake: FakeOpenAI) -> None:
+    fake.script({"content": "Hello.", "usage": {"prompt_tokens": 1000, "completion_tokens": 250}})
+    ctx = reserved({"model": model(fake, max_tokens=1000), "prompt": "Hi"}, services(), usd=0.05, tokens=5000)
+    output = await LlmAgent().run(ctx)
+    assert output["content"] == "Hello."
+    assert len(fake.requests) == 1
+    assert ctx.meter.cost_usd == pytest.approx(0.004) and ctx.meter.total_tokens == 1250
+
+
+async def test_reservation_and_agent_limits_each_keep_their_own_message(fake: FakeOpenAI) -> None:
+    base = {"model": model(fake, max_tokens=1000), "prompt": "Hi"}
+    with pytest.raises(AgentError, match=r"^budget_exceeded: .*reservation is \$0\.001 \(spent \$0\)$"):
+        await LlmAgent().run(reserved({**base, "max_cost_usd": 1.0}, services(), usd=0.001))
+    with pytest.raises(AgentError, match=r"^budget: .*step spent \$0 of max_cost_usd \$0\.001$"):
+        await LlmAgent().run(reserved({**base, "max_cost_usd": 0.001}, services(), usd=1.0))
+    assert fake.requests == []
+
+
+async def test_tool_call_past_the_reservation_is_refused_and_the_model_told(fake: FakeOpenAI) -> None:
+    handler = ArithmeticHandler()
+    fake.script(
+        {
+            "tool_calls": [{"name": "math__add", "arguments": {"a": 2, "b": 3}}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 10},
+        },
+        {"content": "I could not add them.", "usage": {"prompt_tokens": 120, "completion_tokens": 10}},
+    )
+    config = {"model": model(fake, max_tokens=10), "prompt": "Add.", "tools": ["math.add"]}
+    ctx = reserved(config, with_costed_tools(handler, 0.05), usd=0.01)
+    output = await LlmAgent().run(ctx)
+    assert output["content"] == "I could not add them."
+    assert handler.calls == []
+    [record] = ctx.meter.tool_calls
+    expected = (
+        "budget_exceeded: tool 'math.add' costs $0.05 per call; the step's budget reservation is $0.01 (spent $0.00028)"
+    )
+    assert (record["outcome"], record["cost_usd"], record["error"]) == ("budget_exceeded", 0.0, expected)
+    assert fake.requests[1]["body"]["messages"][-1]["content"] == "error: " + expected
+    assert ctx.meter.cost_usd <= 0.01
+
+
+async def test_tool_call_within_the_reservation_runs_and_is_charged(fake: FakeOpenAI) -> None:
+    handler = ArithmeticHandler()
+    svc = with_costed_tools(handler, 0.05)
+    assert svc.tools is not None
+    # Exactly the reservation is allowed: only going past it is refused.
+    ctx = reserved({}, svc, usd=0.05)
+    outcome = await svc.tools.call(ctx, "math.add", {"a": 2, "b": 3}, allowed=["math.add"])
+    assert outcome.ok and outcome.output == {"result": 5}
+    assert outcome.record["cost_usd"] == 0.05
+    again = await svc.tools.call(ctx, "math.add", {"a": 1, "b": 1}, allowed=["math.add"])
+    assert (again.ok, again.record["outcome"]) == (False, "budget_exceeded")
+    assert again.error == (
+        "budget_exceeded: tool 'math.add' costs $0.05 per call; the step's budget reservation is $0.05 (spent $0.05)"
+    )
+    assert handler.calls == [("math.add", {"a": 2, "b": 3})]
+
+
+async def test_tool_agent_fails_its_step_when_the_call_is_past_the_reservation() -> None:
+    from agentflow_worker.agents.tool_agent import ToolAgent
+
+    handler = ArithmeticHandler()
+    ctx = reserved({"tool": "math.add"}, with_costed_tools(handler, 0.05), usd=0.04)
+    ctx.payload = {"input": {"a": 1, "b": 2}}
+    with pytest.raises(AgentError, match=r"^budget_exceeded: tool 'math\.add' costs \$0\.05 per call; .*\$0\.04 "):
+        await ToolAgent().run(ctx)
+    assert handler.calls == []
+
+
 # --- import cost -----------------------------------------------------------------------------
 
 

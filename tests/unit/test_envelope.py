@@ -542,3 +542,60 @@ def test_rejections_are_422_envelope_rejected() -> None:
         open_envelope(b"garbage")
     assert info.value.status_code == 422
     assert info.value.code == "envelope_rejected"
+
+
+# --- budget reservation (hard budgets) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        {},
+        {"max_cost_usd": 0},
+        {"max_cost_usd": 0.25},
+        {"max_tokens": 0},
+        {"max_tokens": 4096},
+        {"max_cost_usd": 1.5, "max_tokens": 1000},
+    ],
+    ids=["empty", "zero-usd", "usd", "zero-tokens", "tokens", "both"],
+)
+def test_check_step_accepts_a_budget_and_it_survives_sealing(budget: dict[str, Any]) -> None:
+    body = {**step_body(), "budget": budget}
+    wire, _ = seal(body)
+    assert check_step(body) is body
+    assert check_step(open_envelope(wire)[0])["budget"] == budget
+
+
+def test_check_step_accepts_an_integral_float_cost_that_jcs_turns_into_an_int() -> None:
+    # JCS writes 2.0 as 2: the worker sees an int where the control plane had a float.
+    wire, _ = seal({**step_body(), "budget": {"max_cost_usd": 2.0}})
+    budget = check_step(open_envelope(wire)[0])["budget"]
+    assert budget == {"max_cost_usd": 2} and type(budget["max_cost_usd"]) is int
+
+
+@pytest.mark.parametrize("bad", [None, [], "1.0", 5, True])
+def test_check_step_rejects_a_budget_that_is_not_an_object(bad: Any) -> None:
+    with pytest.raises(EnvelopeRejected, match=r"^malformed envelope: field 'budget' must be an object$"):
+        check_step({**step_body(), "budget": bad})
+
+
+@pytest.mark.parametrize("bad", [-0.01, -1, True, False, "0.5", None, [1], float("nan"), float("inf")])
+def test_check_step_rejects_a_bad_budget_cost_naming_it(bad: Any) -> None:
+    with pytest.raises(EnvelopeRejected) as info:
+        check_step({**step_body(), "budget": {"max_cost_usd": bad, "max_tokens": 10}})
+    assert info.value.message.startswith(
+        "malformed envelope: field 'budget' max_cost_usd must be a finite number >= 0, got "
+    )
+
+
+@pytest.mark.parametrize("bad", [-1, 1.0, 10.5, True, False, "10", None, {}])
+def test_check_step_rejects_bad_budget_tokens_naming_them(bad: Any) -> None:
+    with pytest.raises(EnvelopeRejected) as info:
+        check_step({**step_body(), "budget": {"max_cost_usd": 1, "max_tokens": bad}})
+    assert info.value.message.startswith("malformed envelope: field 'budget' max_tokens must be an integer >= 0, got ")
+
+
+def test_budget_rejection_quotes_at_most_a_short_prefix_of_the_value() -> None:
+    with pytest.raises(EnvelopeRejected) as info:
+        check_step({**step_body(), "budget": {"max_tokens": "9" * 10_000}})
+    assert len(info.value.message) < 150

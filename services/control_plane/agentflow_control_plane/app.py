@@ -30,6 +30,9 @@ from agentflow_control_plane.engine.stalled import StalledStepWatch
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.governance.auth_failures import AuthFailureLog
+from agentflow_control_plane.governance.budgets import BudgetCache, ReservationSweeper
+from agentflow_control_plane.governance.calibration import CalibrationCache
+from agentflow_control_plane.governance.costing import CostServices
 from agentflow_control_plane.governance.estimates import Estimator
 from agentflow_control_plane.governance.sealer import AuditSealer
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -55,11 +58,11 @@ async def start_engine(state: AppState) -> None:
     await ensure_streams(js, settings)
     state.dispatcher = Dispatcher(js, state.engine, relay_after_s=settings.outbox_relay_after_s)
     state.dispatcher.start()
-    state.results = ResultProcessor(state.nc, state.engine, state.dispatcher, state.specs, settings)
+    state.results = ResultProcessor(state.nc, state.engine, state.dispatcher, state.specs, settings, costs=state.costs)
     await state.results.start()
     state.timers = Timers(
         state.engine, state.dispatcher, state.names, settings.timer_interval_s, nc=state.nc, specs=state.specs,
-        governance=settings.governance_enabled,
+        governance=settings.governance_enabled, costs=state.costs,
     )  # fmt: skip
     state.timers.start()
     await StalledStepWatch(state.nc, js, state.names).start()
@@ -73,11 +76,15 @@ async def start_engine(state: AppState) -> None:
     if settings.governance_enabled:
         state.sealer = AuditSealer(state.engine, interval_s=settings.audit_seal_interval_s)
         state.sealer.start()
+        state.sweeper = ReservationSweeper(state.engine)
+        state.sweeper.start()
 
 
 async def stop_engine(state: AppState) -> None:
     # The sealer goes after everything that queues entries, so their last ones are sealed.
-    for part in (state.auth_failures, state.anchors, state.results, state.timers, state.dispatcher, state.sealer):
+    parts = (state.auth_failures, state.anchors, state.results, state.timers, state.dispatcher, state.sweeper,
+             state.sealer)  # fmt: skip
+    for part in parts:
         if part is not None:
             with contextlib.suppress(Exception):
                 await part.stop()
@@ -91,6 +98,7 @@ def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = make_engine(settings.async_database_url, pool_size=settings.db_pool_size)
     tools = load_tools_config(settings.tools_file)
+    estimator = Estimator(settings.llm_prices, tools)
     state = AppState(
         settings=settings,
         names=Names(settings.nats_prefix),
@@ -99,7 +107,8 @@ def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
         verifier=TokenVerifier(settings),
         specs=SpecCache(),
         tools=tools,
-        estimator=Estimator(settings.llm_prices, tools),
+        estimator=estimator,
+        costs=CostServices(estimator, BudgetCache(), CalibrationCache()) if settings.governance_enabled else None,
         auth_failures=AuthFailureLog(
             engine, interval_s=settings.audit_auth_flush_s, enabled=settings.governance_enabled
         ),

@@ -15,6 +15,8 @@ from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.timers import Timers
 from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.governance.auth_failures import AuthFailureLog
+from agentflow_control_plane.governance.budgets import ReservationSweeper
+from agentflow_control_plane.governance.costing import CostServices
 from agentflow_control_plane.governance.estimates import Estimator
 from agentflow_control_plane.governance.sealer import AuditSealer
 from agentflow_control_plane.settings import ControlPlaneSettings
@@ -40,3 +42,6 @@ class AppState:
     anchors: AnchorPublisher | None = None
     auth_failures: AuthFailureLog | None = None
     sealer: AuditSealer | None = None
+    #: per-step estimates, budgets and calibration (None when governance is off)
+    costs: CostServices | None = None
+    sweeper: ReservationSweeper | None = None

@@ -257,6 +257,7 @@ class Worker:
         agent_type = agent_call["type"]
         delivery = msg.metadata.num_delivered or 1
         started_us = _now_us()
+        budget = step.get("budget", {})
         ctx = StepContext(
             tenant=step["tenant"],
             run=step["run"],
@@ -269,6 +270,8 @@ class Worker:
             payload=step["payload"],
             workflow_tools=agent_call.get("tools", []),
             services=self.services,
+            budget_usd=float(budget["max_cost_usd"]) if "max_cost_usd" in budget else None,
+            budget_tokens=budget.get("max_tokens"),
         )
         # Most steps finish before the notice is due: a timer is cheaper than a task.
         keepalive: list[asyncio.Task[None]] = []

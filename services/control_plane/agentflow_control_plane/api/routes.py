@@ -16,6 +16,7 @@ from agentflow_control_plane.api.schemas import (
     CreateRunOut,
     DryRunOut,
     EnvelopeOut,
+    RunBudgetOut,
     RunOut,
     RunStatus,
     RunSummaryOut,
@@ -28,6 +29,7 @@ from agentflow_control_plane.api.schemas import (
 )
 from agentflow_control_plane.db.models import Run, Step, ToolCall
 from agentflow_control_plane.db.repository import TenantRepository
+from agentflow_control_plane.services import budgets as budget_service
 from agentflow_control_plane.services import runs as run_service
 from agentflow_control_plane.services import worker_registry
 from agentflow_control_plane.services import workflows as workflow_service
@@ -67,6 +69,9 @@ def _step_out(step: Step) -> StepOut:
 async def _run_out(repo: TenantRepository, run: Run) -> RunOut:
     steps = await repo.get_steps(run.id)
     prompt, completion, cost = await repo.run_usage(run.id)
+    budgets = await budget_service.run_budgets(
+        await repo.driver(), repo.tenant, run.id, run.workflow_name, {s.agent for s in steps}
+    )
     return RunOut(
         id=run.id,
         workflow=run.workflow_name,
@@ -81,6 +86,7 @@ async def _run_out(repo: TenantRepository, run: Run) -> RunOut:
         steps=[_step_out(s) for s in steps],
         usage=UsageOut(prompt_tokens=prompt, completion_tokens=completion, cost_usd=f"{cost:f}"),
         estimate=run.estimate,
+        budgets=[RunBudgetOut.model_validate(b) for b in budgets],
         planner_state=run.planner_state,
     )
 
@@ -143,7 +149,7 @@ async def create_run(
     if dry_run:
         dry = await run_service.estimate_run(
             caller.repo, state.specs, state.estimator, workflow=body.workflow, version=body.version,
-            run_input=body.input,
+            run_input=body.input, costs=state.costs,
         )  # fmt: skip
         out_dry = DryRunOut(workflow=dry.workflow, version=dry.version, estimate=dry.estimate)
         return JSONResponse(out_dry.model_dump(mode="json"), status_code=200)
@@ -159,6 +165,8 @@ async def create_run(
         actor=caller.actor,
         estimator=state.estimator,
         governance=state.settings.governance_enabled,
+        costs=state.costs,
+        engine=state.engine,
     )
     if state.settings.fault_inject == "exit_after_commit" and created.outgoing:
         os._exit(70)  # test hook: crash between commit and publish

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 StepStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -123,6 +124,9 @@ class RunOut(BaseModel):
     estimate: dict[str, Any] | None = Field(
         None, description="The preflight cost estimate made when the run was created"
     )
+    budgets: list[RunBudgetOut] = Field(
+        default_factory=list, description="Budgets covering the run, with what remains in the window it spends in"
+    )
 
 
 class RunSummaryOut(BaseModel):
@@ -219,3 +223,69 @@ class CostsOut(BaseModel):
     group_by: str
     total: CostTotalOut
     groups: list[CostGroupOut]
+
+
+class BudgetIn(BaseModel):
+    """A budget: a limit in dollars and/or tokens on what a scope may spend per window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scope: Literal["tenant", "workflow", "agent", "run"] = Field(
+        description="tenant: all spend; workflow/agent: runs of that workflow / steps of that agent; run: each run"
+    )
+    target: str = Field("", max_length=128, description="the workflow or agent name (workflow and agent scopes)")
+    period: Literal["run", "day", "month"] = Field(description="the window: each run, the UTC day or the UTC month")
+    limit_usd: Decimal | None = Field(None, gt=0, le=Decimal("1e9"), decimal_places=10)
+    limit_tokens: int | None = Field(None, gt=0, le=10**15)
+    enforcement: Literal["soft", "hard"] = Field(
+        "hard", description="hard: refuse runs and stop dispatching; soft: warn (audit entry, metric) only"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetIn:
+        if self.limit_usd is None and self.limit_tokens is None:
+            raise ValueError("set limit_usd, limit_tokens or both")
+        if self.scope in ("workflow", "agent") and not self.target:
+            raise ValueError(f"target: a {self.scope} budget names its {self.scope}")
+        if self.scope in ("tenant", "run") and self.target:
+            raise ValueError(f"target: a {self.scope} budget has no target (got '{self.target}')")
+        if self.scope == "run" and self.period != "run":
+            raise ValueError("period: a run budget is per run (period 'run')")
+        return self
+
+
+class BudgetWindowOut(BaseModel):
+    window: str
+    spent_usd: str
+    reserved_usd: str
+    remaining_usd: str | None
+    spent_tokens: int
+    reserved_tokens: int
+    remaining_tokens: int | None
+    warned: bool = Field(description="a warning (soft) or overspend record (hard) was written for this window")
+
+
+class BudgetOut(BaseModel):
+    name: str
+    scope: str
+    target: str
+    period: str
+    limit_usd: str | None
+    limit_tokens: int | None
+    enforcement: str
+    created_at: datetime
+    updated_at: datetime
+    current: BudgetWindowOut | None = Field(description="today's or this month's window; None for per-run budgets")
+
+
+class RunBudgetOut(BudgetWindowOut):
+    name: str
+    scope: str
+    target: str
+    period: str
+    enforcement: str
+    limit_usd: str | None
+    limit_tokens: int | None
+
+
+RunOut.model_rebuild()

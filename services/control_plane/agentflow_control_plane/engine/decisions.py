@@ -21,6 +21,7 @@ from agentflow_bus.subjects import Names
 from agentflow_control_plane import metrics
 from agentflow_control_plane.engine.rows import ACTIVE, RunRow, StepRow
 from agentflow_control_plane.engine.writes import WriteSet, clean_text, step_id_for
+from agentflow_control_plane.governance.budgets import Refusal
 from agentflow_core.planners import Decision
 from agentflow_core.spec import WorkflowSpec
 
@@ -60,9 +61,14 @@ def apply_decision(
     run.dirty = True
     run.wake_at = from_ms(decision.wake_at_ms)
     halted = set(decision.cancel)
-    for request in decision.dispatch:
-        if request.seq not in halted:  # dispatched and halted within one decision: never sent
-            writes.new_step(spec, tenant, run.id, request)
+    # dispatched and halted within one decision: never sent
+    requests = [r for r in decision.dispatch if r.seq not in halted]
+    refusal = writes.admit_steps(spec, tenant, run.id, run.key[1], requests)
+    if refusal is not None:
+        stop_for_budget(run, refusal, tenant=tenant, writes=writes, now=now, loaded=loaded)
+        return
+    for request in requests:
+        writes.new_step(spec, tenant, run.id, request)
     in_memory = {row.seq: row for row in loaded.get(run.id, ())}
     cancelled: list[str] = []
     for seq in sorted(halted):
@@ -90,8 +96,42 @@ def apply_decision(
         writes.cancel_notices.append({"run": str(run.id), "steps": sorted(set(cancelled))})
     if outcome is None:
         return
+    _finished(run, tenant, writes)
+
+
+def _finished(run: RunRow, tenant: str, writes: WriteSet) -> None:
+    if writes.budgets is not None:
+        writes.budgets.release_run(run.id)
     writes.audit(tenant, "run.finished", f"run:{run.id}", run_finished_data(run.id, run.status, run.error))
     metrics.RUNS_FINISHED.labels(run.status).inc()
+
+
+def stop_for_budget(
+    run: RunRow,
+    refusal: Refusal,
+    *,
+    tenant: str,
+    writes: WriteSet,
+    now: datetime,
+    loaded: Mapping[uuid.UUID, Sequence[StepRow]],
+) -> None:
+    """A hard budget cannot take the run's next dispatch: dispatch nothing, stop the
+    steps still in flight (like a planner ending the run), end the run ``failed``."""
+    run.status = "failed"
+    run.error = f"budget_exceeded: {refusal.message()}"
+    run.output = None
+    run.finished_at = now
+    run.wake_at = None
+    run.dirty = True
+    for row in loaded.get(run.id, ()):
+        if row.status in ACTIVE:
+            _halt(row, now)
+    writes.halt_runs.append(run.id)
+    writes.cancel_notices.append({"run": str(run.id)})
+    metrics.BUDGET_EVENTS.labels(tenant, "stopped").inc()
+    writes.audit(tenant, "budget.exceeded", f"budget:{refusal.budget.name}",
+                 {"run": str(run.id), **refusal.as_dict()})  # fmt: skip
+    _finished(run, tenant, writes)
 
 
 def run_finished_data(run_id: uuid.UUID, status: str, error: str | None) -> dict[str, Any]:

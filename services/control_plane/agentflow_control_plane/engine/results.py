@@ -15,6 +15,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -28,11 +29,12 @@ from agentflow_bus.subjects import Names
 from agentflow_bus.tasks import stop_task
 from agentflow_control_plane import metrics
 from agentflow_control_plane.db.session import pg_transaction
-from agentflow_control_plane.engine.decisions import apply_decision, now_ms, publish_cancels
+from agentflow_control_plane.engine.decisions import apply_decision, now_ms, publish_cancels, stop_for_budget
 from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.rows import ACTIVE, FINAL_RUN, RunRow, StepRow
 from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
 from agentflow_control_plane.engine.writes import WriteSet, clean_text
+from agentflow_control_plane.governance.costing import CostServices
 from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_core.envelope import check_result, open_envelope
 from agentflow_core.errors import EnvelopeRejected
@@ -78,7 +80,10 @@ class ResultProcessor:
         dispatcher: Dispatcher,
         specs: SpecCache,
         settings: ControlPlaneSettings,
+        *,
+        costs: CostServices | None = None,
     ) -> None:
+        self._costs = costs
         self._nc = nc
         self._engine = engine
         self._dispatcher = dispatcher
@@ -188,6 +193,8 @@ class ResultProcessor:
             loaded: dict[uuid.UUID, list[StepRow]] = {}
             for row in steps.values():
                 loaded.setdefault(row.run_id, []).append(row)
+            if self._costs is not None:
+                await self._costs.prepare(conn, writes, runs.values(), compiled)
 
             # Holding the run locks, a result already recorded for a step's current
             # attempt is visible (has_result): every writer of result envelopes takes
@@ -223,6 +230,10 @@ class ResultProcessor:
                         attempt = int(orjson.loads(item.raw)["attempt"])
                     digest = item.digest or "sha256:unverified"
                     writes.add_envelope(step.tenant, step.run_id, step.id, attempt, "rejected", digest, item.raw)
+                    if writes.budgets is not None:  # nothing trustworthy was reported: release only
+                        writes.budgets.settle(tenant=step.tenant, run_id=step.run_id, workflow=run.key[1],
+                                              agent=step.agent, step_id=step.id, attempt=attempt,
+                                              spent_usd=Decimal(0), spent_tokens=0)  # fmt: skip
                     writes.audit(
                         step.tenant, "step.rejected", f"step:{step.id}",
                         {"run": str(step.run_id), "step": str(step.id), "attempt": attempt, "envelope_hash": digest,
@@ -253,6 +264,7 @@ class ResultProcessor:
                 )
                 if "usage" in body or "tool_calls" in body:
                     writes.add_spend(step.run_id, step.id, body, workflow=run.key[1], agent=step.agent)
+                writes.settle(step.run_id, step.id, body, workflow=run.key[1], agent=step.agent)
                 writes.audit(
                     step.tenant, "step.completed" if body["status"] == "succeeded" else "step.failed",
                     f"step:{step.id}",
@@ -331,6 +343,11 @@ class ResultProcessor:
             step.error = result.error or result.status
             step.output = result.output
             if workflow is not None and step.attempt < step.max_attempts:
+                refusal = writes.reserve_retry(step.tenant, run.id, run.key[1], step.agent, step.id, step.attempt + 1)
+                if refusal is not None:
+                    step.status = "failed"
+                    stop_for_budget(run, refusal, tenant=step.tenant, writes=writes, now=now, loaded=loaded)
+                    return
                 agent = workflow.spec.agents.get(step.agent)
                 policy = agent.retry if agent is not None else INLINE_RETRY
                 delay_ms = policy.delay_ms(step.attempt)

@@ -30,6 +30,7 @@ from agentflow_control_plane.engine.dispatcher import Dispatcher
 from agentflow_control_plane.engine.rows import RunRow
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import WriteSet
+from agentflow_control_plane.governance.costing import CostServices
 
 log = logging.getLogger("agentflow.timers")
 
@@ -59,7 +60,9 @@ class Timers:
         nc: Client | None = None,
         specs: SpecCache | None = None,
         governance: bool = True,
+        costs: CostServices | None = None,
     ) -> None:
+        self._costs = costs
         self._governance = governance
         self._nc = nc
         self._specs = specs or SpecCache()
@@ -110,6 +113,8 @@ class Timers:
                 return 0
             runs = [RunRow(r[0], r[4], r[5], r[6], (r[1], r[2], r[3]), r[7], None) for r in rows]
             compiled = await self._specs.get_many(conn, {run.key for run in runs})
+            if self._costs is not None:
+                await self._costs.prepare(conn, writes, runs, compiled)
             for run in runs:
                 workflow = compiled[run.key]
                 decision = workflow.planner.on_timer(run.state, run.input, now_ms(now))

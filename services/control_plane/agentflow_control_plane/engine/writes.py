@@ -7,8 +7,10 @@ the per-step cost on the hot path is a few list appends rather than a round trip
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +20,8 @@ import orjson
 
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.governance import audit_store
+from agentflow_control_plane.governance.budgets import RESERVATION_CASTS, WINDOW_CASTS, BudgetBook, Refusal, usd
+from agentflow_control_plane.governance.estimates import Costing
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
 from agentflow_core.spec import WorkflowSpec, inline_agent, workflow_tools_of
@@ -72,6 +76,71 @@ class WriteSet:
     ledger: list[tuple[Any, ...]] = field(default_factory=list)
     #: False only in dev mode with ``AGENTFLOW_GOVERNANCE=off`` (the benchmark baseline)
     governance: bool = True
+    #: per-step estimates (calibration, reservations); None when no run here can cost anything
+    costing: Costing | None = None
+    #: the locked budget windows, when a tenant here has budgets
+    budgets: BudgetBook | None = None
+    #: calibration: (step, attempt, tenant, run, agent, route, raw prompt, raw completion, tokens, usd, at)
+    step_estimates: list[tuple[Any, ...]] = field(default_factory=list)
+    #: calibration: (step, attempt, models, prompt, completion, usd) of successful LLM attempts
+    observations: list[tuple[Any, ...]] = field(default_factory=list)
+    #: runs ended by this write set whose active steps not loaded in memory are cancelled
+    halt_runs: list[uuid.UUID] = field(default_factory=list)
+    #: step id -> the ``budget`` of its next envelope (what it reserved)
+    limits: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+
+    def attach_budgets(self, book: BudgetBook | None) -> None:
+        self.budgets = book
+        if book is not None:
+            book.audit = lambda tenant, action, resource, data: self.audit(tenant, action, resource, data)
+
+    def admit_steps(
+        self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, workflow: str, requests: Sequence[StepRequest]
+    ) -> Refusal | None:
+        """Estimate the steps a decision dispatches (their first attempts) and reserve their
+        worst cases in the run's hard budgets, all or nothing. A refusal means: dispatch none."""
+        costing = self.costing
+        if costing is None or not requests:
+            return None
+        items: list[tuple[uuid.UUID, int, str, Any, int]] = []
+        estimates: list[tuple[Any, ...]] = []
+        for req in requests:
+            agent = spec.agents[req.agent] if req.inline_agent is None else inline_agent(req.inline_agent)
+            est = costing.estimator.step(spec, req.agent, agent, req.payload, costing.corrections.get(tenant))
+            if est is None:
+                continue
+            step_id = step_id_for(run_id, req.seq)
+            if est.model is not None and self.governance:
+                estimates.append(
+                    (step_id, 1, tenant, run_id, req.agent, est.model, est.raw_prompt_tokens,
+                     est.raw_completion_tokens, est.total_tokens, str(usd(est.cost_usd)), self.now)
+                )  # fmt: skip
+            attempts = max(est.attempts, 1)
+            items.append((step_id, 1, req.agent, usd(est.max_cost_usd * RESERVATION_HEADROOM / attempts),
+                          math.ceil(est.max_tokens_total * RESERVATION_HEADROOM / attempts)))  # fmt: skip
+        book = self.budgets
+        if book is not None and items:
+            before = len(book.new_reservations)
+            refusal = book.reserve(items, tenant=tenant, run_id=run_id, workflow=workflow)
+            if refusal is not None:
+                return refusal
+            for res in book.new_reservations[before:]:
+                self.limits[res.step_id] = {"max_cost_usd": float(res.usd), "max_tokens": res.tokens}
+        self.step_estimates.extend(estimates)
+        return None
+
+    def reserve_retry(
+        self, tenant: str, run_id: uuid.UUID, workflow: str, agent: str, step_id: uuid.UUID, attempt: int
+    ) -> Refusal | None:
+        """Reserve for attempt ``attempt`` what attempt ``attempt - 1`` held (its envelope,
+        re-sealed by the timers, carries the same ``budget``)."""
+        book = self.budgets
+        if book is None:
+            return None
+        amount = book.retry_amount(step_id, attempt - 1)
+        if amount is None:
+            return None
+        return book.reserve([(step_id, attempt, agent, *amount)], tenant=tenant, run_id=run_id, workflow=workflow)
 
     def audit(self, tenant: str, action: str, resource: str, data: dict[str, Any], actor: str = ENGINE) -> None:
         if self.governance:
@@ -140,6 +209,24 @@ class WriteSet:
                     actor=f"worker:{body['worker']}",
                 )  # fmt: skip
 
+    def settle(self, run_id: uuid.UUID, step_id: uuid.UUID, body: dict[str, Any], *, workflow: str, agent: str) -> None:
+        """For every recorded result. Budgets: release the attempt's reservation, count its spend. Calibration: note
+        what a successful attempt used, when the primary model made every call."""
+        usage = body.get("usage") or {}
+        calls = [c for c in usage.get("llm_calls") or () if isinstance(c, dict)]
+        cost = _money(usage.get("cost_usd"))
+        tokens = _int(usage.get("prompt_tokens")) + _int(usage.get("completion_tokens"))
+        if self.budgets is not None:
+            self.budgets.settle(tenant=body["tenant"], run_id=run_id, workflow=workflow, agent=agent,
+                                step_id=step_id, attempt=body["attempt"], spent_usd=usd(cost),
+                                spent_tokens=tokens)  # fmt: skip
+        if calls and body["status"] == "succeeded" and self.governance:
+            models = {str(c.get("model")) for c in calls}
+            self.observations.append(
+                (step_id, body["attempt"], models.pop() if len(models) == 1 else "", _int(usage.get("prompt_tokens")),
+                 _int(usage.get("completion_tokens")), str(usd(cost)))
+            )  # fmt: skip
+
     def dispatch_attempt(
         self,
         *,
@@ -193,6 +280,9 @@ class WriteSet:
             "agent": agent_call,
             "payload": req.payload,
         }
+        limits = self.limits.pop(step_id, None)
+        if limits is not None:
+            body["budget"] = limits
         digest = self.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body)
         self.new_steps.append(
             (
@@ -324,6 +414,64 @@ class WriteSet:
                 + arg(updated, "uuid[]")
                 + "))"
             )
+        if self.halt_runs:
+            updated = [u[0] for u in self.step_updates]
+            ctes.append(
+                "halted_runs AS (UPDATE steps SET status = 'cancelled', finished_at = "
+                + arg(self.now, "timestamptz")
+                + ", next_attempt_at = NULL WHERE run_id = ANY("
+                + arg(self.halt_runs, "uuid[]")
+                + ") AND status IN ('queued', 'running') AND id <> ALL("
+                + arg(updated, "uuid[]")
+                + "))"
+            )
+        book = self.budgets
+        if book is not None:
+            window_rows = book.window_rows()
+            if window_rows:
+                ctes.append(
+                    "budget_windows_set AS (UPDATE budget_windows AS w SET spent_usd = u.spent_usd,"
+                    " spent_tokens = u.spent_tokens, reserved_usd = u.reserved_usd,"
+                    " reserved_tokens = u.reserved_tokens, warned = u.warned FROM unnest("
+                    + columns(window_rows, WINDOW_CASTS)
+                    + ') AS u(tenant_id, budget, "window", spent_usd, spent_tokens, reserved_usd, reserved_tokens,'
+                    ' warned) WHERE w.tenant_id = u.tenant_id AND w.budget = u.budget AND w."window" = u."window"'
+                    + guard.replace(" WHERE", " AND")
+                    + ")"
+                )
+            if book.released:
+                ctes.append(
+                    "budget_released AS (DELETE FROM budget_reservations AS r USING unnest("
+                    + arg([k[0] for k in book.released], "uuid[]")
+                    + ", "
+                    + arg([k[1] for k in book.released], "int[]")
+                    + ") AS u(step_id, attempt) WHERE r.step_id = u.step_id AND r.attempt = u.attempt)"
+                )
+            reservation_rows = book.reservation_rows()
+            if reservation_rows:
+                ctes.append(
+                    "budget_reserved AS (INSERT INTO budget_reservations (step_id, attempt, tenant_id, budget,"
+                    ' "window", usd, tokens, run_id) SELECT * FROM unnest('
+                    + columns(reservation_rows, RESERVATION_CASTS)
+                    + f") AS u{guard} ON CONFLICT DO NOTHING)"
+                )
+        if self.step_estimates:
+            ctes.append(
+                "new_estimates AS (INSERT INTO step_estimates (step_id, attempt, tenant_id, run_id, agent, route,"
+                " raw_prompt_tokens, raw_completion_tokens, est_tokens, est_cost_usd, created_at) SELECT * FROM unnest("
+                + columns(self.step_estimates, ESTIMATE_CASTS)
+                + f") AS u{guard} ON CONFLICT DO NOTHING)"
+            )
+        if self.observations:
+            ctes.append(
+                "observed AS (UPDATE step_estimates AS e SET actual_prompt_tokens = u.prompt,"
+                " actual_completion_tokens = u.completion, actual_cost_usd = u.cost, observed_at = "
+                + arg(self.now, "timestamptz")
+                + " FROM unnest("
+                + columns(self.observations, OBSERVATION_CASTS)
+                + ") AS u(step_id, attempt, models, prompt, completion, cost) WHERE e.step_id = u.step_id"
+                " AND e.attempt = u.attempt AND e.route = u.models AND e.observed_at IS NULL)"
+            )
         if self.usages:
             ctes.append(
                 "new_usage AS (INSERT INTO step_usage (tenant_id, run_id, step_id, attempt, delivery, worker,"
@@ -387,6 +535,14 @@ USAGE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "int[]", "text[]", "bigint
 TOOL_CALL_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "int[]", "int[]", "text[]", "text[]", "text[]", "text[]",
                    "float8[]", "numeric[]", "text[]", "text[]", "timestamptz[]")  # fmt: skip
 
+
+ESTIMATE_CASTS = ("uuid[]", "int[]", "text[]", "uuid[]", "text[]", "text[]", "bigint[]", "bigint[]", "bigint[]",
+                  "numeric[]", "timestamptz[]")  # fmt: skip
+OBSERVATION_CASTS = ("uuid[]", "int[]", "text[]", "bigint[]", "bigint[]", "numeric[]")
+#: reservations are the estimate's worst case plus this margin: the worker counts the prompt
+#: itself (tool declarations included, which the estimate leaves out) and refuses a call
+#: that could pass its reservation
+RESERVATION_HEADROOM = 1.2
 
 LEDGER_CASTS = ("text[]", "text[]", "uuid[]", "uuid[]", "int[]", "int[]", "text[]", "int[]", "text[]", "text[]",
                 "bigint[]", "bigint[]", "numeric[]", "timestamptz[]")  # fmt: skip

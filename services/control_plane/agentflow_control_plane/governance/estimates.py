@@ -18,11 +18,21 @@ import json
 import logging
 import os
 import threading
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agentflow_core.cost_model import CostEnv, ModelPrice, PlanEstimate, estimate_plan, tool_cost_lookup
-from agentflow_core.spec import WorkflowSpec
+from agentflow_core.cost_model import (
+    Correction,
+    CostEnv,
+    ModelPrice,
+    PlanEstimate,
+    StepEstimate,
+    estimate_plan,
+    estimate_step,
+    tool_cost_lookup,
+)
+from agentflow_core.spec import AgentSpec, WorkflowSpec
 from agentflow_core.tools_config import ToolsConfig
 
 log = logging.getLogger("agentflow.estimates")
@@ -90,14 +100,23 @@ class Estimator:
     def _is_free(spec: WorkflowSpec) -> bool:
         return all(agent.type in FREE_TYPES for agent in spec.agents.values()) and spec.planner.type != "llm"
 
-    def estimate(self, spec: WorkflowSpec, run_input: Any) -> PlanEstimate:
+    def _env(self, spec: WorkflowSpec, corrections: Mapping[tuple[str, str], Correction] | None) -> CostEnv:
+        return CostEnv(
+            price_of=self._price,
+            count_tokens=self._count,
+            tool_cost=tool_cost_lookup(spec, self._tools),
+            corrections=corrections or {},
+        )
+
+    def estimate(
+        self, spec: WorkflowSpec, run_input: Any, corrections: Mapping[tuple[str, str], Correction] | None = None
+    ) -> PlanEstimate:
         free = self._is_free(spec)
         if free:
             cached = self._free.get(id(spec))
             if cached is not None:
                 return cached[1]
-        env = CostEnv(price_of=self._price, count_tokens=self._count, tool_cost=tool_cost_lookup(spec, self._tools))
-        estimate = estimate_plan(spec, run_input, env)
+        estimate = estimate_plan(spec, run_input, self._env(spec, corrections))
         if self._litellm is None and not free:
             estimate = _with_note(estimate, "tokens counted as len/4: litellm was not loaded yet")
         if free:
@@ -106,6 +125,32 @@ class Estimator:
             self._free[id(spec)] = (spec, estimate)
         return estimate
 
+    def needs_costing(self, spec: WorkflowSpec) -> bool:
+        """Whether steps of ``spec`` may cost anything (free workflows skip per-step estimates)."""
+        return not self._is_free(spec)
+
+    def step(
+        self,
+        spec: WorkflowSpec,
+        agent_name: str,
+        agent: AgentSpec,
+        payload: Mapping[str, Any],
+        corrections: Mapping[tuple[str, str], Correction] | None = None,
+    ) -> StepEstimate | None:
+        """One step's estimate with its real payload; None for an agent type that costs nothing."""
+        if agent.type in FREE_TYPES:
+            return None
+        return estimate_step(agent_name, agent, payload, self._env(spec, corrections))
+
 
 def _with_note(estimate: PlanEstimate, note: str) -> PlanEstimate:
     return replace(estimate, notes=(*estimate.notes, note))
+
+
+@dataclass(slots=True)
+class Costing:
+    """What an engine transaction needs to estimate the steps it dispatches."""
+
+    estimator: Estimator
+    #: tenant -> its learnt correction factors (see ``governance.calibration``)
+    corrections: dict[str, Mapping[tuple[str, str], Correction]] = field(default_factory=dict)

@@ -81,6 +81,10 @@ class StepContext:
     workflow_tools: list[dict[str, Any]] = field(default_factory=list)
     services: WorkerServices | None = None
     meter: StepMeter = field(default_factory=StepMeter)
+    #: the step's budget reservation from its envelope (``budget``): dollars and tokens
+    #: that its model and tool calls together may never exceed; None: no cap
+    budget_usd: float | None = None
+    budget_tokens: int | None = None
 
     @property
     def input(self) -> Any:

@@ -316,14 +316,20 @@ class _Conversation:
     async def _check_budget(
         self, settings: ModelSettings, route: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     ) -> None:
-        config, gate = self.config, self.services.budget
-        if config.max_cost_usd is None and config.max_total_tokens is None and gate is None:
+        config, gate, ctx = self.config, self.services.budget, self.ctx
+        if (
+            config.max_cost_usd is None
+            and config.max_total_tokens is None
+            and gate is None
+            and ctx.budget_usd is None
+            and ctx.budget_tokens is None
+        ):
             return
         prompt = count_prompt_tokens(route, messages, tools)
         completion = settings.max_tokens or UNBOUNDED_COMPLETION_ESTIMATE
         tokens = prompt + completion
         cost, _ = cost_of(route, settings.model, prompt, completion, self.services.llm_prices)
-        meter = self.ctx.meter
+        meter = ctx.meter
         if config.max_total_tokens is not None and meter.total_tokens + tokens > config.max_total_tokens:
             raise AgentError(
                 f"budget: this call may use up to {tokens} tokens ({prompt} prompt + {completion} max_tokens); "
@@ -334,8 +340,21 @@ class _Conversation:
                 f"budget: this call may cost up to ${_usd(cost)} ({route}, {prompt} prompt + {completion} max_tokens); "
                 f"step spent ${_usd(meter.cost_usd)} of max_cost_usd ${_usd(config.max_cost_usd)}"
             )
+        # The control plane reserved only this much for the attempt: a call that could
+        # spend past it is never made, whatever the agent's own limits allow.
+        if ctx.budget_tokens is not None and meter.total_tokens + tokens > ctx.budget_tokens:
+            raise AgentError(
+                f"budget_exceeded: this call may use up to {tokens} tokens "
+                f"({prompt} prompt + {completion} max_tokens); "
+                f"the step's budget reservation is {ctx.budget_tokens} tokens (used {meter.total_tokens})"
+            )
+        if ctx.budget_usd is not None and meter.cost_usd + cost > ctx.budget_usd:
+            raise AgentError(
+                f"budget_exceeded: this call may cost up to ${_usd(cost)} ({route}, {prompt} prompt + {completion} "
+                f"max_tokens); the step's budget reservation is ${_usd(ctx.budget_usd)} (spent ${_usd(meter.cost_usd)})"
+            )
         if gate is not None:
-            await gate.before_llm_call(self.ctx.tenant, self.ctx.run, self.ctx.step, cost, tokens)
+            await gate.before_llm_call(ctx.tenant, ctx.run, ctx.step, cost, tokens)
 
     def _answer(self, settings: ModelSettings, route: str, messages: list[dict[str, Any]], response: Any) -> _Answer:
         choices = getattr(response, "choices", None) or []

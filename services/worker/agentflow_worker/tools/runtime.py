@@ -6,10 +6,12 @@ The order of checks is the permission model (docs/tools.md):
 2. the tenant policy allows it, and its network/secret asks
    (:class:`~agentflow_core.exec_profile.ExecProfileCompiler` → an ExecProfile),
 3. the input satisfies the tool's ``input_schema``,
-4. the tenant's rate limit for the tool has room (shared by all workers),
-5. the named secrets exist,
-6. the handler runs (in a sandbox, or over MCP) under the profile's timeout,
-7. the output satisfies ``output_schema``.
+4. the call's ``cost_per_call`` fits in what is left of the step's budget reservation
+   (``ctx.budget_usd``, from the step envelope),
+5. the tenant's rate limit for the tool has room (shared by all workers),
+6. the named secrets exist,
+7. the handler runs (in a sandbox, or over MCP) under the profile's timeout,
+8. the output satisfies ``output_schema``.
 
 Whatever happens, exactly one record (tool, tenant, run, step, input/output hashes,
 duration, cost, outcome) is emitted through :class:`ToolRecorder`. A failed call is an
@@ -39,7 +41,7 @@ from agentflow_worker.secrets import SecretStore
 log = logging.getLogger("agentflow.tools")
 
 #: outcomes of a tool call, as recorded
-OUTCOMES = ("ok", "denied", "invalid_input", "rate_limited", "error", "timeout", "invalid_output")
+OUTCOMES = ("ok", "denied", "invalid_input", "budget_exceeded", "rate_limited", "error", "timeout", "invalid_output")
 
 
 class ToolHandlerImpl(Protocol):
@@ -80,6 +82,11 @@ class ToolOutcome:
     output: Any
     error: str | None
     record: dict[str, Any]
+
+
+def _usd(value: float) -> str:
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return text if text not in ("", "-0") else "0"
 
 
 def _hash(value: Any) -> str | None:
@@ -166,6 +173,14 @@ class ToolRuntime:
             if problems:
                 reason = f"tool '{tool_id}' input does not match its schema: " + "; ".join(problems)
                 raise _Outcome("invalid_input", reason)
+            cost = spec.cost_per_call
+            # Before the rate limiter, so a refused call does not use up the tenant's quota.
+            if cost > 0 and ctx.budget_usd is not None and ctx.meter.cost_usd + cost > ctx.budget_usd:
+                raise _Outcome(
+                    "budget_exceeded",
+                    f"budget_exceeded: tool '{tool_id}' costs ${_usd(cost)} per call; the step's budget reservation "
+                    f"is ${_usd(ctx.budget_usd)} (spent ${_usd(ctx.meter.cost_usd)})",
+                )
             limit = spec.limit
             if limit is not None and self.limiter is not None:
                 wait = await self.limiter.acquire(f"{ctx.tenant}.{tool_id}", limit)

@@ -1,0 +1,42 @@
+"""What engine transactions need to estimate the steps they dispatch and to keep budgets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from agentflow_control_plane.governance.budgets import BudgetBook, BudgetCache
+from agentflow_control_plane.governance.calibration import CalibrationCache
+from agentflow_control_plane.governance.estimates import Costing, Estimator
+
+if TYPE_CHECKING:
+    from agentflow_control_plane.engine.rows import RunRow
+    from agentflow_control_plane.engine.specs import CompiledWorkflow
+    from agentflow_control_plane.engine.writes import WriteSet
+
+
+@dataclass(slots=True)
+class CostServices:
+    """One per control plane: the estimator and the budget and calibration caches."""
+
+    estimator: Estimator
+    budgets: BudgetCache
+    calibration: CalibrationCache
+
+    async def prepare(
+        self,
+        conn: asyncpg.Connection,
+        writes: WriteSet,
+        runs: Iterable[RunRow],
+        compiled: Mapping[tuple[str, str, int], CompiledWorkflow],
+    ) -> None:
+        """Lock the budget windows of ``runs`` and load the correction factors their steps
+        need. Tenants without budgets running free workflows pay a cache lookup each."""
+        runs = list(runs)
+        writes.attach_budgets(await BudgetBook.open(conn, self.budgets, [(r.key[0], r.id) for r in runs], writes.now))
+        costly = {r.key[0] for r in runs if r.key in compiled and self.estimator.needs_costing(compiled[r.key].spec)}
+        if costly or writes.budgets is not None:
+            writes.costing = Costing(self.estimator, await self.calibration.get_many(conn, costly))
