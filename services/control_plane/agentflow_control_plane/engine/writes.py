@@ -401,30 +401,19 @@ class WriteSet:
                 )
                 + ") AS u(id, status, state, output, error, started_at, finished_at, wake_at) WHERE r.id = u.id)"
             )
-        if self.cancel_steps:
-            # Rows this statement also updates (step_updates) are excluded: a row may be
-            # changed only once per statement; those were halted in memory.
-            updated = [u[0] for u in self.step_updates]
-            ctes.append(
-                "halted AS (UPDATE steps SET status = 'cancelled', finished_at = "
-                + arg(self.now, "timestamptz")
-                + ", next_attempt_at = NULL WHERE id = ANY("
-                + arg(self.cancel_steps, "uuid[]")
-                + ") AND status IN ('queued', 'running') AND id <> ALL("
-                + arg(updated, "uuid[]")
-                + "))"
-            )
-        if self.halt_runs:
-            updated = [u[0] for u in self.step_updates]
-            ctes.append(
-                "halted_runs AS (UPDATE steps SET status = 'cancelled', finished_at = "
-                + arg(self.now, "timestamptz")
-                + ", next_attempt_at = NULL WHERE run_id = ANY("
-                + arg(self.halt_runs, "uuid[]")
-                + ") AND status IN ('queued', 'running') AND id <> ALL("
-                + arg(updated, "uuid[]")
-                + "))"
-            )
+        # Rows this statement also updates (step_updates) are excluded from halting: a row
+        # may be changed only once per statement; those were halted in memory.
+        for cte, column, ids in (("halted", "id", self.cancel_steps), ("halted_runs", "run_id", self.halt_runs)):
+            if ids:
+                ctes.append(
+                    f"{cte} AS (UPDATE steps SET status = 'cancelled', finished_at = "
+                    + arg(self.now, "timestamptz")
+                    + f", next_attempt_at = NULL WHERE {column} = ANY("
+                    + arg(ids, "uuid[]")
+                    + ") AND status IN ('queued', 'running') AND id <> ALL("
+                    + arg([u[0] for u in self.step_updates], "uuid[]")
+                    + "))"
+                )
         book = self.budgets
         if book is not None:
             window_rows = book.window_rows()
