@@ -1,9 +1,10 @@
-"""What the audit chain and the cost ledger cost, and how fast a chain verifies.
+"""What the audit chain, the cost ledger and budgets cost, and how fast a chain verifies.
 
 1. Engine throughput (the ``agentflow_bench`` throughput shape: runs of a linear echo FSM
    submitted by 32 clients, 2 workers) with governance on, then off (``AGENTFLOW_DEV_MODE``
    + ``AGENTFLOW_GOVERNANCE=off``), alternating ``--rounds`` times so drift on a shared
-   machine hits both alike; the ratio of medians is the cost.
+   machine hits both alike; the ratio of medians is the cost. A third mode adds a hard
+   tenant budget (every engine transaction then locks the tenant's budget window).
 2. Verification speed: a chain of ``--entries`` entries (the shape the engine writes:
    step.dispatched / step.completed) is written to a scratch database with COPY, then
    verified by the same code as ``GET /v1/audit/verify``; entries per second.
@@ -24,16 +25,26 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 
 from agentflow_core.builders import linear_fsm
 from bench.agentflow_bench import Stack, _register, _span, _submit_many, _wait_all, machine
 
 
-async def throughput(governance: bool, runs: int, steps: int, workers: int) -> float:
+async def throughput(governance: bool, runs: int, steps: int, workers: int, budget: bool = False) -> float:
     extra = {} if governance else {"AGENTFLOW_DEV_MODE": "true", "AGENTFLOW_GOVERNANCE": "off"}
     stack = Stack(workers, extra)
     await stack.start()
     try:
+        if budget:
+            # A hard tenant budget: every engine transaction locks the tenant's day window
+            # (echo steps are free, so nothing is reserved: this is the floor of the cost).
+            headers = {"Authorization": f"Bearer {stack.token}"}
+            async with httpx.AsyncClient(base_url=stack.url, headers=headers) as client:
+                response = await client.put(
+                    "/v1/budgets/bench", json={"scope": "tenant", "period": "day", "limit_usd": "1000"}
+                )
+                response.raise_for_status()
         await _register(stack, linear_fsm("warmup", steps))
         await _register(stack, linear_fsm("throughput", steps))
         await _submit_many(stack, "warmup", 100, 32)
@@ -134,15 +145,22 @@ async def verification(entries: int) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     on: list[float] = []
     off: list[float] = []
+    budgeted: list[float] = []
     for _ in range(args.rounds):
         on.append(await throughput(True, args.runs, args.steps, args.workers))
         off.append(await throughput(False, args.runs, args.steps, args.workers))
+        budgeted.append(await throughput(True, args.runs, args.steps, args.workers, budget=True))
     ratio = statistics.median(on) / statistics.median(off)
     return {
         "machine": machine(),
-        "throughput_steps_per_s": {"governance_on": [round(x) for x in on], "governance_off": [round(x) for x in off]},
+        "throughput_steps_per_s": {
+            "governance_on": [round(x) for x in on],
+            "governance_off": [round(x) for x in off],
+            "on_with_budget": [round(x) for x in budgeted],
+        },
         "median_on_over_off": round(ratio, 3),
         "governance_cost_pct": round((1 - ratio) * 100, 1),
+        "budget_cost_pct": round((1 - statistics.median(budgeted) / statistics.median(on)) * 100, 1),
         "verification": await verification(args.entries),
         "config": vars(args),
     }
