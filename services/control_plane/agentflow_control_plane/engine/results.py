@@ -194,7 +194,13 @@ class ResultProcessor:
             for row in steps.values():
                 loaded.setdefault(row.run_id, []).append(row)
             if self._costs is not None:
-                await self._costs.prepare(conn, writes, runs.values(), compiled)
+                spending = {
+                    step.run_id
+                    for item in incoming
+                    if item.body is not None and ("usage" in item.body or "tool_calls" in item.body)
+                    and item.step_id is not None and (step := steps.get(item.step_id)) is not None
+                }  # fmt: skip
+                await self._costs.prepare(conn, writes, runs.values(), compiled, spending)
 
             # Holding the run locks, a result already recorded for a step's current
             # attempt is visible (has_result): every writer of result envelopes takes

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,11 +33,18 @@ class CostServices:
         writes: WriteSet,
         runs: Iterable[RunRow],
         compiled: Mapping[tuple[str, str, int], CompiledWorkflow],
+        spending: Collection[uuid.UUID] = (),
     ) -> None:
-        """Lock the budget windows of ``runs`` and load the correction factors their steps
-        need. Tenants without budgets running free workflows pay a cache lookup each."""
-        runs = list(runs)
-        writes.attach_budgets(await BudgetBook.open(conn, self.budgets, [(r.key[0], r.id) for r in runs], writes.now))
-        costly = {r.key[0] for r in runs if r.key in compiled and self.estimator.needs_costing(compiled[r.key].spec)}
-        if costly or writes.budgets is not None:
-            writes.costing = Costing(self.estimator, await self.calibration.get_many(conn, costly))
+        """Lock the budget windows of the runs that may spend (a workflow with priced agents,
+        or a result in ``spending`` reporting usage) and load the correction factors their
+        steps need. Free workflows reserve and spend nothing, so their transactions skip the
+        window locks even when the tenant has budgets."""
+        costly = [
+            r
+            for r in runs
+            if r.id in spending or (r.key in compiled and self.estimator.needs_costing(compiled[r.key].spec))
+        ]
+        if not costly:
+            return
+        writes.attach_budgets(await BudgetBook.open(conn, self.budgets, [(r.key[0], r.id) for r in costly], writes.now))
+        writes.costing = Costing(self.estimator, await self.calibration.get_many(conn, {r.key[0] for r in costly}))
