@@ -18,7 +18,8 @@ Windows are rows of ``budget_windows``; an engine transaction that involves a te
 budgets locks the windows it may touch up front, in key order (one upsert), so
 reservations of concurrent transactions serialize on them and can never pass a limit
 together, and two transactions never wait for each other in a cycle. Tenants without
-budgets pay one cache lookup per transaction.
+budgets pay one cache lookup per transaction; transactions whose runs use only free agents
+and report no usage skip the windows (see ``governance.costing``).
 
 What a finished run's steps still hold (steps halted before they answered) is released
 when the run finishes, and by :class:`ReservationSweeper` for anything left behind.
