@@ -213,6 +213,8 @@ class WriteSet:
         """For every recorded result. Budgets: release the attempt's reservation, count its spend. Calibration: note
         what a successful attempt used, when the primary model made every call."""
         usage = body.get("usage") or {}
+        if self.budgets is None and not usage:
+            return  # the engine's common case: nothing to settle or learn from
         calls = [c for c in usage.get("llm_calls") or () if isinstance(c, dict)]
         cost = _money(usage.get("cost_usd"))
         tokens = _int(usage.get("prompt_tokens")) + _int(usage.get("completion_tokens"))

@@ -11,9 +11,12 @@ from typing import Any
 import asyncpg
 
 from agentflow_control_plane.governance import audit_store
-from agentflow_control_plane.governance.budgets import Budget, Window, budget_from_row, window_key
+from agentflow_control_plane.governance.budgets import Budget, Window, budget_from_row
 from agentflow_control_plane.governance.ledger import money
 from agentflow_core.errors import NotFound
+
+#: day and month windows do not depend on the run
+_NO_RUN = uuid.UUID(int=0)
 
 COLUMNS = "name, scope, target, period, limit_usd, limit_tokens, enforcement, created_at, updated_at"
 
@@ -36,28 +39,36 @@ def _public(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     }
 
 
+WINDOWS_SQL = (
+    'SELECT budget, "window", spent_usd, spent_tokens, reserved_usd, reserved_tokens, warned FROM budget_windows'
+    ' WHERE tenant_id = $1 AND (budget, "window") IN (SELECT * FROM unnest($2::text[], $3::text[]))'
+)
+
+
+async def _windows(conn: asyncpg.Connection, tenant: str, wanted: list[tuple[Budget, str]]) -> list[Window]:
+    """The stored windows ``(budget, key)``; a window nothing was counted in yet is empty."""
+    rows = await conn.fetch(WINDOWS_SQL, tenant, [b.name for b, _ in wanted], [k for _, k in wanted])
+    found = {(r[0], r[1]): r for r in rows}
+    out = []
+    for budget, key in wanted:
+        w = found.get((budget.name, key))
+        out.append(Window(budget, key) if w is None else Window(budget, key, w[2], w[3], w[4], w[5], w[6]))
+    return out
+
+
 async def _current(conn: asyncpg.Connection, tenant: str, budgets: list[asyncpg.Record]) -> list[dict[str, Any]]:
     """Each budget with its current day or month window (``None`` for per-run budgets)."""
     now = datetime.now(UTC)
-    keys = {r["name"]: window_key(r["period"], uuid.UUID(int=0), now) for r in budgets if r["period"] != "run"}
-    rows = await conn.fetch(
-        'SELECT budget, "window", spent_usd, spent_tokens, reserved_usd, reserved_tokens, warned FROM budget_windows'
-        ' WHERE tenant_id = $1 AND (budget, "window") IN (SELECT * FROM unnest($2::text[], $3::text[]))',
-        tenant,
-        list(keys),
-        list(keys.values()),
-    )
-    found = {r[0]: r for r in rows}
+    periodic = [budget_from_row(r) for r in budgets if r["period"] != "run"]
+    windows = {w.budget.name: w for w in await _windows(conn, tenant, [(b, b.window(_NO_RUN, now)) for b in periodic])}
     out = []
     for r in budgets:
-        item = _public(r) | {"created_at": r["created_at"], "updated_at": r["updated_at"], "current": None}
-        if r["name"] in keys:
-            w = found.get(r["name"])
-            window = Window(budget_from_row(r), keys[r["name"]])
-            if w is not None:
-                window = Window(budget_from_row(r), w[1], w[2], w[3], w[4], w[5], w[6])
-            item["current"] = window.as_dict()
-        out.append(item)
+        window = windows.get(r["name"])
+        out.append(
+            _public(r)
+            | {"created_at": r["created_at"], "updated_at": r["updated_at"],
+               "current": window.as_dict() if window is not None else None}
+        )  # fmt: skip
     return out
 
 
@@ -139,21 +150,9 @@ async def run_budgets(
             covering.append((budget, budget.window(run_id, now)))
     if not covering:
         return []
-    found = {
-        (w[0], w[1]): w
-        for w in await conn.fetch(
-            'SELECT budget, "window", spent_usd, spent_tokens, reserved_usd, reserved_tokens, warned'
-            ' FROM budget_windows WHERE tenant_id = $1 AND (budget, "window") IN'
-            " (SELECT * FROM unnest($2::text[], $3::text[]))",
-            tenant,
-            [b.name for b, _ in covering],
-            [k for _, k in covering],
-        )
-    }
     out = []
-    for budget, key in covering:
-        w = found.get((budget.name, key))
-        window = Window(budget, key) if w is None else Window(budget, key, w[2], w[3], w[4], w[5], w[6])
+    for window in await _windows(conn, tenant, covering):
+        budget = window.budget
         out.append(
             {"name": budget.name, "scope": budget.scope, "target": budget.target, "period": budget.period,
              "enforcement": budget.enforcement,
