@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install up test check lint format bench clean sandbox-deps
+.PHONY: install up test check lint format bench clean sandbox-deps browser-deps
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[embedded,dev,bench,llm,mcp,docker]"
 	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory sandbox-deps
+	@[ -x /usr/bin/chromium ] || $(MAKE) --no-print-directory browser-deps
 	@touch $@
 
 ## The process sandbox needs bubblewrap (Debian/Ubuntu package; root or sudo).
@@ -22,6 +23,15 @@ sandbox-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap \
 	  || { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq bubblewrap; }; \
 	else echo "install bubblewrap with your package manager (the process sandbox needs it)"; fi
+
+## The dashboard's browser tests drive Debian's Chromium (Playwright's own browser download
+## is not used). Debian/Ubuntu package; root or sudo.
+browser-deps:
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium \
+	  || { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }; \
+	else echo "install chromium at /usr/bin/chromium with your package manager (tests/e2e/test_dashboard.py needs it)"; fi
 
 ## Start Postgres, NATS, a control plane and two workers; run the demo workflow; Ctrl-C stops.
 up: install

@@ -43,6 +43,10 @@ class _Node:
     id: str
     label: str
     shape: Shape
+    #: how the planner's state names this node (FSM state, BT preorder index, DAG step)
+    key: str | None = None
+    #: the ``state`` its steps carry (FSM state, BT node name or path, DAG step)
+    step: str | None = None
 
 
 @dataclass(slots=True)
@@ -67,11 +71,12 @@ class _Drawing:
         self.root = _Cluster("", title)
         self.edges: list[_Edge] = []
         self._count = 0
+        self._bt_index = 0
 
-    def node(self, cluster: _Cluster, label: str, shape: Shape) -> str:
+    def node(self, cluster: _Cluster, label: str, shape: Shape, key: str | None = None) -> str:
         node_id = f"n{self._count}"
         self._count += 1
-        cluster.nodes.append(_Node(node_id, label, shape))
+        cluster.nodes.append(_Node(node_id, label, shape, key, key))
         return node_id
 
     def cluster(self, parent: _Cluster, label: str) -> _Cluster:
@@ -94,11 +99,12 @@ class _Drawing:
         if isinstance(planner, FsmPlannerSpec):
             self._fsm(planner, cluster, start)
         elif isinstance(planner, BtPlannerSpec):
+            self._bt_index = 0
             self._bt(planner.root, cluster, start)
         elif isinstance(planner, DagPlannerSpec):
             self._dag(planner, cluster, start)
         else:
-            anchor = self.node(cluster, _llm_label(planner), "planner")
+            anchor = self.node(cluster, _llm_label(planner), "planner", "__plan__")  # its planning steps' state
             self.edge(start, anchor)
         fallback = planner.fallback
         if fallback is not None and not isinstance(fallback, str):
@@ -109,10 +115,10 @@ class _Drawing:
     def _fsm(self, fsm: FsmPlannerSpec, cluster: _Cluster, start: str) -> None:
         ids: dict[str, str] = {}
         for name, state in fsm.states.items():
-            ids[name] = self.node(cluster, _state_label(name, state), _state_shape(state))
+            ids[name] = self.node(cluster, _state_label(name, state), _state_shape(state), name)
         for name, final in fsm.finals().items():
             label = name if final.status is None else f"{name}\n({final.status})"
-            ids[name] = self.node(cluster, label, "failed" if final.status == "failed" else "final")
+            ids[name] = self.node(cluster, label, "failed" if final.status == "failed" else "final", name)
 
         def target(name: str) -> str:
             # Only a spec that failed validation names unknown states; draw them anyway.
@@ -139,21 +145,25 @@ class _Drawing:
             for dst, texts in labels.items():
                 self.edge(ids[name], target(dst), ", ".join(texts))
 
-    def _bt(self, node: BtNode, cluster: _Cluster, parent: str, label: str | None = None) -> None:
+    def _bt(self, node: BtNode, cluster: _Cluster, parent: str, label: str | None = None, path: str = "root") -> None:
         # Edges are added parent first (preorder), so layouts keep the tree's order.
-        node_id = self.node(cluster, _bt_label(node), _bt_shape(node))
+        # Keys are the planner's preorder indexes, steps its node names or paths (planners.bt).
+        node_id = self.node(cluster, _bt_label(node), _bt_shape(node), str(self._bt_index))
+        self._bt_index += 1
+        cluster.nodes[-1].step = node.name or path
         self.edge(parent, node_id, label)
-        for branch in node.conditions or []:
-            self._bt(branch.child, cluster, node_id, "default" if branch.default else branch.expression)
+        for b, branch in enumerate(node.conditions or []):
+            branch_label = "default" if branch.default else branch.expression
+            self._bt(branch.child, cluster, node_id, branch_label, f"{path}/{b}")
         children = node.children or []
         for i, child in enumerate(children, start=1):
             # Order matters in a tree and layout engines may not keep it: number the edges.
-            self._bt(child, cluster, node_id, str(i) if len(children) > 1 else None)
+            self._bt(child, cluster, node_id, str(i) if len(children) > 1 else None, f"{path}/{i - 1}")
         if node.child is not None:
-            self._bt(node.child, cluster, node_id)
+            self._bt(node.child, cluster, node_id, path=f"{path}/0")
 
     def _dag(self, dag: DagPlannerSpec, cluster: _Cluster, start: str) -> None:
-        ids = {name: self.node(cluster, _step_label(name, dag), "action") for name in dag.steps}
+        ids = {name: self.node(cluster, _step_label(name, dag), "action", name) for name in dag.steps}
         for name, step in dag.steps.items():
             if not step.depends_on:
                 self.edge(start, ids[name])
@@ -373,6 +383,35 @@ def to_dot(spec: WorkflowSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- JSON (the web dashboard lays it out itself) -------------------------------------------
+
+
+def to_json_graph(spec: WorkflowSpec) -> dict[str, Any]:
+    """The drawing as plain data: ``nodes`` (id, label, shape, plan, key, step), ``edges``
+    (src, dst, label, dashed) and ``plans`` (the main plan is 0, its fallback 1, ...).
+
+    ``key`` is how the planner's state names a node and ``step`` the ``state`` its steps
+    carry, so a run's progress can be painted onto the drawing."""
+    drawing = _draw(spec)
+    nodes: list[dict[str, Any]] = []
+    plans: list[dict[str, Any]] = []
+
+    def emit(cluster: _Cluster) -> None:
+        plan = len(plans)
+        plans.append({"plan": plan, "label": cluster.label})
+        for node in cluster.nodes:
+            nodes.append(
+                {"id": node.id, "label": node.label, "shape": node.shape, "plan": plan, "key": node.key,
+                 "step": node.step}
+            )  # fmt: skip
+        for sub in cluster.clusters:
+            emit(sub)
+
+    emit(drawing.root)
+    edges = [{"src": e.src, "dst": e.dst, "label": e.label, "dashed": e.dashed} for e in drawing.edges]
+    return {"title": drawing.title, "planner": spec.planner.type, "plans": plans, "nodes": nodes, "edges": edges}
+
+
 FORMATS = {"mermaid": to_mermaid, "dot": to_dot}
 
-__all__ = ["FORMATS", "dot_text", "mermaid_text", "to_dot", "to_mermaid"]
+__all__ = ["FORMATS", "dot_text", "mermaid_text", "to_dot", "to_json_graph", "to_mermaid"]

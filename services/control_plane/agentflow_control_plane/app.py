@@ -18,7 +18,9 @@ from agentflow_bus.connection import connect, ensure_streams
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.api.deps import StateDep
 from agentflow_control_plane.api.errors import install_error_handlers
+from agentflow_control_plane.api.event_routes import router as event_router
 from agentflow_control_plane.api.governance_routes import router as governance_router
+from agentflow_control_plane.api.graph_routes import router as graph_router
 from agentflow_control_plane.api.routes import router
 from agentflow_control_plane.api.schemas import ReadyOut
 from agentflow_control_plane.auth import TokenVerifier
@@ -28,6 +30,8 @@ from agentflow_control_plane.engine.results import ResultProcessor
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.stalled import StalledStepWatch
 from agentflow_control_plane.engine.timers import Timers
+from agentflow_control_plane.events.hub import EventHub
+from agentflow_control_plane.events.store import EventSequencer
 from agentflow_control_plane.governance.anchors import AnchorPublisher
 from agentflow_control_plane.governance.auth_failures import AuthFailureLog
 from agentflow_control_plane.governance.budgets import BudgetCache, ReservationSweeper
@@ -35,9 +39,13 @@ from agentflow_control_plane.governance.calibration import CalibrationCache
 from agentflow_control_plane.governance.costing import CostServices
 from agentflow_control_plane.governance.estimates import Estimator
 from agentflow_control_plane.governance.sealer import AuditSealer
+from agentflow_control_plane.metrics_collector import MetricsCollector
 from agentflow_control_plane.middleware import BodyLimitMiddleware, MetricsMiddleware
-from agentflow_control_plane.settings import ControlPlaneSettings, get_settings
+from agentflow_control_plane.settings import ControlPlaneSettings, get_settings, to_plain_url
 from agentflow_control_plane.state import AppState
+from agentflow_control_plane.tracing import TracingMiddleware
+from agentflow_control_plane.tracing import setup as setup_tracing
+from agentflow_control_plane.ui import mount_ui
 from agentflow_core.tools_config import load_tools_config
 
 log = logging.getLogger("agentflow.control_plane")
@@ -66,6 +74,11 @@ async def start_engine(state: AppState) -> None:
     )  # fmt: skip
     state.timers.start()
     await StalledStepWatch(state.nc, js, state.names).start()
+    state.sequencer = EventSequencer(state.engine, retention_days=settings.events_retention_days)
+    state.sequencer.start()
+    hub = EventHub(state.engine, to_plain_url(settings.database_url), buffer=settings.events_buffer)
+    await hub.start()
+    state.events = hub
     state.anchors = AnchorPublisher(
         js, state.engine, state.names, interval_s=settings.audit_anchor_interval_s,
         file=settings.audit_anchor_file, replicas=settings.stream_replicas,
@@ -78,12 +91,17 @@ async def start_engine(state: AppState) -> None:
         state.sealer.start()
         state.sweeper = ReservationSweeper(state.engine)
         state.sweeper.start()
+    if settings.metrics_collect_interval_s > 0:
+        state.collector = MetricsCollector(state, interval_s=settings.metrics_collect_interval_s)
+        state.collector.start()
 
 
 async def stop_engine(state: AppState) -> None:
     # The sealer goes after everything that queues entries, so their last ones are sealed.
-    parts = (state.auth_failures, state.anchors, state.results, state.timers, state.dispatcher, state.sweeper,
-             state.sealer)  # fmt: skip
+    # Streams close first (clients reconnect elsewhere); the sequencer numbers what the
+    # engine parts queued last.
+    parts = (state.events, state.collector, state.auth_failures, state.anchors, state.results, state.timers,
+             state.dispatcher, state.sweeper, state.sequencer, state.sealer)  # fmt: skip
     for part in parts:
         if part is not None:
             with contextlib.suppress(Exception):
@@ -96,6 +114,7 @@ async def stop_engine(state: AppState) -> None:
 
 def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    tracing = setup_tracing()  # OTEL_* variables; off (no-op) unless an exporter is configured
     engine = make_engine(settings.async_database_url, pool_size=settings.db_pool_size)
     tools = load_tools_config(settings.tools_file)
     estimator = Estimator(settings.llm_prices, tools)
@@ -135,9 +154,14 @@ def create_app(settings: ControlPlaneSettings | None = None) -> FastAPI:
     app.state.agentflow = state
     app.include_router(router)
     app.include_router(governance_router)
+    app.include_router(graph_router)
+    app.include_router(event_router)
+    mount_ui(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    if tracing:
+        app.add_middleware(TracingMiddleware)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 STEPS_DISPATCHED = Counter("agentflow_steps_dispatched_total", "Step messages published to JetStream")
 STEPS_COMPLETED = Counter("agentflow_steps_completed_total", "Steps that finished successfully")
@@ -68,6 +68,11 @@ BUDGET_EVENTS = Counter(
     ["tenant", "event"],
 )
 AUDIT_ENTRIES = Counter("agentflow_audit_entries_total", "Entries appended to audit chains")
+EVENT_STREAM_CONNECTIONS = Gauge(
+    "agentflow_event_stream_connections",
+    "Open run-event streams (WebSocket and Server-Sent Events) on this control plane",
+    ["transport", "scope"],
+)
 
 #: Distinct (tenant, model) label pairs kept; later pairs are counted under model="other"
 #: so a tenant cycling through model names cannot grow the series without bound.

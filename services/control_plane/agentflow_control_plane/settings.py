@@ -61,6 +61,14 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     audit_auth_flush_s: float = Field(5.0, gt=0)
     #: Also append every anchor as a JSON line to this file (optional).
     audit_anchor_file: str = ""
+    #: How often the queue, worker, budget and audit gauges of /metrics are refreshed
+    #: from JetStream and Postgres (0: never; scrapes only read the last values).
+    metrics_collect_interval_s: float = Field(5.0, ge=0, le=3600)
+    #: Run events are kept this many days for resuming streams and the event history.
+    events_retention_days: float = Field(7.0, gt=0, le=3650)
+    #: Events buffered per stream connection before a slow client is disconnected
+    #: (WebSocket close 4429; it resumes with ``after=`` and loses nothing).
+    events_buffer: int = Field(1000, ge=10, le=1_000_000)
     #: Test-only fault injection ("exit_after_commit": exit the process right after the
     #: first run-creating commit, before publishing). Refused outside dev mode.
     fault_inject: str = ""
@@ -93,6 +101,12 @@ class ControlPlaneSettings(BusSettings, DatabaseSettings):
     @property
     def async_database_url(self) -> str:
         return to_async_url(self.database_url)
+
+
+def to_plain_url(url: str) -> str:
+    """The URL asyncpg itself accepts (no SQLAlchemy driver suffix)."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql://{rest}" if sep and scheme.startswith("postgres") else url
 
 
 def to_async_url(url: str) -> str:

@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from agentflow_bus import tracing as otel
 from agentflow_bus.connection import connect, ensure_consumer, ensure_streams
 from agentflow_bus.kv import ensure_bucket
 from agentflow_bus.pull import PullConsumer
@@ -31,6 +32,8 @@ from agentflow_worker.agents.base import Agent, AgentError, BaseAgent, StepConte
 from agentflow_worker.heartbeat import Heartbeat
 from agentflow_worker.services import WorkerServices
 from agentflow_worker.settings import WorkerSettings
+from agentflow_worker.tracing import setup as setup_tracing
+from agentflow_worker.tracing import step_outcome, traced_step
 
 log = logging.getLogger("agentflow.worker")
 
@@ -76,6 +79,7 @@ class Worker:
 
     async def start(self) -> None:
         s = self.settings
+        setup_tracing()  # OTEL_* variables; off (no-op) unless an exporter is configured
         self.nc = await connect(s, name=f"agentflow-worker {s.worker_name}")
         js = self.js = self.nc.jetstream()
         await ensure_streams(js, s)
@@ -107,6 +111,7 @@ class Worker:
             max_inflight=s.worker_concurrency,
         )
         await self._consumer.start()
+        metrics.CONCURRENCY.labels(s.worker_queue).set(s.worker_concurrency)
         log.info("worker %s consuming queue '%s' (concurrency %d)", s.worker_name, s.worker_queue,
                  s.worker_concurrency)  # fmt: skip
 
@@ -252,6 +257,7 @@ class Worker:
             "finished_us": _now_us(),
         }
 
+    @traced_step
     async def _execute(self, msg: Msg, step: StepEnvelope, digest: str) -> None:
         agent_call = step["agent"]
         agent_type = agent_call["type"]
@@ -324,6 +330,7 @@ class Worker:
         metrics.DURATION.labels(agent_type).observe(time.perf_counter() - began)
         result = self._result_body(dict(step), digest, msg, status, output, error, started_us)
         usage = ctx.meter.summary()
+        step_outcome(status, error, usage)
         if usage is not None:
             result["usage"] = usage
         if ctx.meter.tool_calls:
@@ -365,7 +372,8 @@ class Worker:
     @staticmethod
     def _headers(msg: Msg) -> dict[str, str]:
         headers = {}
-        parent = (msg.headers or {}).get("traceparent")
+        # Inside a step: its span produced the result; else (a rejected message) the sender's.
+        parent = otel.current_traceparent() or (msg.headers or {}).get("traceparent")
         if parent:
             headers["traceparent"] = parent
         return headers

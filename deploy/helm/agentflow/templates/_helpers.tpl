@@ -61,6 +61,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+Labels and selector labels of one component.
+Usage: include "agentflow.componentLabels" (dict "root" $ "component" "worker")
+*/}}
+{{- define "agentflow.componentLabels" -}}
+{{ include "agentflow.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "agentflow.componentSelectorLabels" -}}
+{{ include "agentflow.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/*
 Name of the ServiceAccount of the control plane and the workers.
 */}}
 {{- define "agentflow.serviceAccountName" -}}
@@ -72,14 +86,23 @@ Name of the ServiceAccount of the control plane and the workers.
 {{- end }}
 
 {{/*
-Image reference; the tag defaults to the chart's appVersion.
+Image reference of a component; the tag defaults to the chart's appVersion.
+Usage: include "agentflow.image" (dict "root" $ "image" .Values.worker.image)
 */}}
 {{- define "agentflow.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) }}
+{{- printf "%s:%s" .image.repository (.image.tag | default .root.Chart.AppVersion | toString) }}
 {{- end }}
 
 {{/*
-Fail early, with a useful message, on missing or unusable required values.
+Name of the JetStream stream of steps for the configured prefix (the same rule as
+agentflow_bus.settings.stream_token: non-alphanumerics become "_", then upper case).
+*/}}
+{{- define "agentflow.stepsStream" -}}
+{{- printf "%s_STEPS" (regexReplaceAll "[^A-Za-z0-9]" .Values.config.natsPrefix "_" | upper) }}
+{{- end }}
+
+{{/*
+Fail early, with a useful message, on missing, unusable or contradicting values.
 Renders nothing.
 */}}
 {{- define "agentflow.validateValues" -}}
@@ -88,7 +111,16 @@ Renders nothing.
 {{- fail "jwt.secret must be at least 32 characters (e.g. openssl rand -hex 32)" }}
 {{- end }}
 {{- $_ = required "externalDatabase.url or externalDatabase.existingSecret is required (postgresql://user:password@host:5432/agentflow)" (coalesce .Values.externalDatabase.existingSecret .Values.externalDatabase.url) }}
-{{- $_ = required "externalNats.url is required (nats://host:4222, JetStream enabled)" .Values.externalNats.url }}
+{{- $_ = required "externalNats.url or externalNats.existingSecret is required (nats://host:4222, JetStream enabled)" (coalesce .Values.externalNats.existingSecret .Values.externalNats.url) }}
+{{- if and .Values.worker.keda.enabled .Values.worker.autoscaling.enabled }}
+{{- fail "worker.keda.enabled and worker.autoscaling.enabled exclude each other (KEDA creates its own HorizontalPodAutoscaler): set worker.autoscaling.enabled=false" }}
+{{- end }}
+{{- if .Values.worker.keda.enabled }}
+{{- $_ = required "worker.keda.natsMonitoringEndpoint is required with worker.keda.enabled (host:8222 of the NATS monitoring port)" .Values.worker.keda.natsMonitoringEndpoint }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.worker.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs worker.metrics.enabled (the workers' ServiceMonitor scrapes their metrics port)" }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -96,16 +128,22 @@ Whether the chart must create its Secret: some secret value was given inline rat
 than through an existing Secret.
 */}}
 {{- define "agentflow.createSecret" -}}
-{{- if or (include "agentflow.inlineJwtSecret" .) (include "agentflow.inlineDatabaseUrl" .) -}}
+{{- if or (include "agentflow.inlineJwtSecret" .) (include "agentflow.inlineDatabaseUrl" .) (include "agentflow.inlineNatsUrl" .) -}}
 true
 {{- end }}
 {{- end }}
 
 {{/*
-Whether the database URL / JWT secret are given inline (so the chart stores them).
+Whether the database URL / NATS URL / JWT secret are given inline (so the chart stores them).
 */}}
 {{- define "agentflow.inlineDatabaseUrl" -}}
 {{- if and .Values.externalDatabase.url (not .Values.externalDatabase.existingSecret) -}}
+true
+{{- end }}
+{{- end }}
+
+{{- define "agentflow.inlineNatsUrl" -}}
+{{- if and .Values.externalNats.url (not .Values.externalNats.existingSecret) -}}
 true
 {{- end }}
 {{- end }}
@@ -123,64 +161,84 @@ Secret `data` entries for the inline values.
 database-url: {{ .Values.externalDatabase.url | toString | b64enc | quote }}
 {{- end }}
 
-{{- define "agentflow.secretData.jwt" -}}
-jwt-secret: {{ .Values.jwt.secret | toString | b64enc | quote }}
+{{/*
+A Secret key reference: the existing Secret when one is named, else the chart's own.
+Usage: include "agentflow.secretKeyRef" (dict "existing" "<name>" "existingKey" "<key>" "secretName" "<chart secret>" "key" "<key>")
+*/}}
+{{- define "agentflow.secretKeyRef" -}}
+secretKeyRef:
+  {{- if .existing }}
+  name: {{ .existing | quote }}
+  key: {{ .existingKey | quote }}
+  {{- else }}
+  name: {{ .secretName | quote }}
+  key: {{ .key | quote }}
+  {{- end }}
 {{- end }}
 
 {{/*
-Environment shared by every process: NATS, logging, extra variables.
+AGENTFLOW_NATS_URL (control plane, workers).
 */}}
-{{- define "agentflow.env.bus" -}}
+{{- define "agentflow.env.nats" -}}
 - name: AGENTFLOW_NATS_URL
-  value: {{ .Values.externalNats.url | quote }}
-- name: AGENTFLOW_NATS_PREFIX
-  value: {{ .Values.natsPrefix | quote }}
-- name: AGENTFLOW_STEP_ACK_WAIT_S
-  value: {{ .Values.stepAckWaitS | toString | quote }}
-- name: AGENTFLOW_LOG_LEVEL
-  value: {{ .Values.logLevel | quote }}
+  valueFrom:
+    {{- include "agentflow.secretKeyRef" (dict "existing" .Values.externalNats.existingSecret "existingKey" .Values.externalNats.existingSecretKey "secretName" (include "agentflow.fullname" .) "key" "nats-url") | nindent 4 }}
 {{- end }}
 
 {{/*
 AGENTFLOW_DATABASE_URL (control plane, migrate).
-Usage: include "agentflow.env.database" (dict "root" $ "secretName" "<inline secret>")
-secretName is the Secret holding inline values; an existing Secret takes precedence.
+Usage: include "agentflow.env.database" (dict "root" $ "secretName" "<secret with inline values>")
 */}}
 {{- define "agentflow.env.database" -}}
 {{- $db := .root.Values.externalDatabase -}}
 - name: AGENTFLOW_DATABASE_URL
   valueFrom:
-    secretKeyRef:
-      {{- if $db.existingSecret }}
-      name: {{ $db.existingSecret | quote }}
-      key: {{ $db.existingSecretKey | quote }}
-      {{- else }}
-      name: {{ .secretName | quote }}
-      key: database-url
-      {{- end }}
+    {{- include "agentflow.secretKeyRef" (dict "existing" $db.existingSecret "existingKey" $db.existingSecretKey "secretName" .secretName "key" "database-url") | nindent 4 }}
 {{- end }}
 
 {{/*
 JWT settings (control plane).
-Usage: include "agentflow.env.jwt" (dict "root" $ "secretName" "<inline secret>")
 */}}
 {{- define "agentflow.env.jwt" -}}
-{{- $jwt := .root.Values.jwt -}}
+{{- $jwt := .Values.jwt -}}
 - name: AGENTFLOW_DEV_MODE
   value: "false"
 - name: AGENTFLOW_JWT_SECRET
   valueFrom:
-    secretKeyRef:
-      {{- if $jwt.existingSecret }}
-      name: {{ $jwt.existingSecret | quote }}
-      key: {{ $jwt.existingSecretKey | quote }}
-      {{- else }}
-      name: {{ .secretName | quote }}
-      key: jwt-secret
-      {{- end }}
+    {{- include "agentflow.secretKeyRef" (dict "existing" $jwt.existingSecret "existingKey" $jwt.existingSecretKey "secretName" (include "agentflow.fullname" .) "key" "jwt-secret") | nindent 4 }}
 {{- if $jwt.publicKey }}
 - name: AGENTFLOW_JWT_PUBLIC_KEY
   value: {{ $jwt.publicKey | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+envFrom of the control plane and the workers: the chart's ConfigMap, then the user's.
+*/}}
+{{- define "agentflow.envFrom" -}}
+- configMapRef:
+    name: {{ include "agentflow.fullname" . }}
+{{- with .Values.extraEnvFrom }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Mount of the tools file (control plane, workers), when tools are configured.
+*/}}
+{{- define "agentflow.toolsVolumeMount" -}}
+{{- if .Values.config.tools }}
+- name: tools
+  mountPath: /etc/agentflow
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "agentflow.toolsVolume" -}}
+{{- if .Values.config.tools }}
+- name: tools
+  configMap:
+    name: {{ include "agentflow.componentName" (dict "root" . "component" "tools") }}
 {{- end }}
 {{- end }}
 
@@ -195,4 +253,77 @@ imagePullSecrets:
 automountServiceAccountToken: {{ .Values.serviceAccount.automount }}
 securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end }}
+
+{{/*
+Scheduling settings of a component (nodeSelector, affinity, tolerations, spread).
+Usage: include "agentflow.scheduling" .Values.worker
+*/}}
+{{- define "agentflow.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Egress rule for DNS (every component).
+*/}}
+{{- define "agentflow.egress.dns" -}}
+- ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+  {{- with .Values.networkPolicy.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/*
+Egress rule for the OTLP collector (control plane, workers) when tracing is on: the
+endpoint's port, or the scheme's usual OTLP/HTTP port.
+*/}}
+{{- define "agentflow.egress.otlp" -}}
+{{- if .Values.tracing.otlpEndpoint }}
+{{- $u := urlParse .Values.tracing.otlpEndpoint }}
+{{- $port := regexFind "[0-9]+$" $u.host | default (ternary "443" "4318" (eq $u.scheme "https")) }}
+- ports:
+    - port: {{ $port | int }}
+      protocol: TCP
+  {{- with .Values.networkPolicy.otlpTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+An egress rule to one port, optionally restricted to some peers.
+Usage: include "agentflow.egress.port" .Values.networkPolicy.postgres
+*/}}
+{{- define "agentflow.egress.port" -}}
+- ports:
+    - port: {{ .port | int }}
+      protocol: TCP
+  {{- with .to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end }}

@@ -25,7 +25,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -96,6 +96,8 @@ class Run(Base):
     wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     #: the preflight cost estimate made at creation
     estimate: Mapped[Any] = mapped_column(JSONB, nullable=True)
+    #: W3C trace context of the span that created the run; its later spans join that trace
+    traceparent: Mapped[str | None] = mapped_column(String(55))
 
 
 class Step(Base):
@@ -223,3 +225,51 @@ class Outbox(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary)
     traceparent: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class EventQueue(Base):
+    """Events committed with the change they describe, waiting for the sequencer."""
+
+    __tablename__ = "event_queue"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    workflow: Mapped[str | None] = mapped_column(String(128))
+    step_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    type: Mapped[str] = mapped_column(String(48))
+    data: Mapped[Any] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Event(Base):
+    """A run event with its stream cursor (assigned in commit order by the sequencer)."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_run", "tenant_id", "run_id", "cursor"),
+        Index("ix_events_tenant", "tenant_id", "cursor"),
+        Index("ix_events_created", "created_at"),
+    )
+
+    cursor: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    workflow: Mapped[str | None] = mapped_column(String(128))
+    step_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    type: Mapped[str] = mapped_column(String(48))
+    data: Mapped[Any] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventTicket(Base):
+    """A single-use ticket for an event stream (only its SHA-256 is stored)."""
+
+    __tablename__ = "event_tickets"
+    __table_args__ = (Index("ix_event_tickets_expires", "expires_at"),)
+
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    roles: Mapped[list[str]] = mapped_column(ARRAY(String(32)))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

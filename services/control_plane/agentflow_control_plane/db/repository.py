@@ -214,11 +214,12 @@ class TenantRepository:
             )
         )
 
-    async def cancel_run(self, run_id: uuid.UUID) -> tuple[Run, bool]:
-        """Cancel a run that is still going; (the run, whether this call cancelled it)."""
+    async def cancel_run(self, run_id: uuid.UUID) -> tuple[Run, list[tuple[uuid.UUID, str, str, int]] | None]:
+        """Cancel a run that is still going: (the run, the steps this call halted as
+        (id, name, agent, attempt), or None when the run had already ended)."""
         run = await self.get_run(run_id, for_update=True)
         if run.status in ("succeeded", "failed", "cancelled"):
-            return run, False
+            return run, None
         conn = await self.connection()
         await conn.execute(
             text(
@@ -227,16 +228,19 @@ class TenantRepository:
             ),
             {"id": run_id, "tenant": self.tenant},
         )
-        await conn.execute(
-            text(
-                "UPDATE steps SET status = 'cancelled', finished_at = now(), next_attempt_at = NULL "
-                "WHERE run_id = :id AND tenant_id = :tenant AND status IN ('queued', 'running')"
-            ),
-            {"id": run_id, "tenant": self.tenant},
-        )
+        halted = (
+            await conn.execute(
+                text(
+                    "UPDATE steps SET status = 'cancelled', finished_at = now(), next_attempt_at = NULL "
+                    "WHERE run_id = :id AND tenant_id = :tenant AND status IN ('queued', 'running') "
+                    "RETURNING id, state, agent, attempt"
+                ),
+                {"id": run_id, "tenant": self.tenant},
+            )
+        ).all()
         await conn.execute(
             text("DELETE FROM outbox WHERE run_id = :id AND tenant_id = :tenant"),
             {"id": run_id, "tenant": self.tenant},
         )
         await self.session.refresh(run)
-        return run, True
+        return run, [(r[0], r[1], r[2], r[3]) for r in halted]

@@ -22,7 +22,9 @@ from agentflow_control_plane import metrics
 from agentflow_control_plane.engine.rows import ACTIVE, RunRow, StepRow
 from agentflow_control_plane.engine.writes import WriteSet, clean_text, step_id_for
 from agentflow_control_plane.governance.budgets import Refusal
+from agentflow_control_plane.tracing import traced_decision
 from agentflow_core.planners import Decision
+from agentflow_core.planners.progress import transition
 from agentflow_core.spec import WorkflowSpec
 
 log = logging.getLogger("agentflow.decisions")
@@ -36,13 +38,16 @@ def from_ms(ms: int | None) -> datetime | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def _halt(row: StepRow, now: datetime) -> None:
+def _halt(row: StepRow, run: RunRow, writes: WriteSet, now: datetime) -> None:
     row.status = "cancelled"
     row.finished_at = now
     row.next_attempt_at = None
     row.dirty = True
+    writes.event(row.tenant, run.id, run.key[1], "step.cancelled",
+                 {"name": row.state, "agent": row.agent, "attempt": row.attempt}, row.id)  # fmt: skip
 
 
+@traced_decision
 def apply_decision(
     decision: Decision,
     *,
@@ -57,6 +62,9 @@ def apply_decision(
     memory (by run id): those are changed in place, the others by the write set."""
     if decision.ignored:
         return
+    moved = transition(run.state, decision.state)
+    if moved is not None:
+        writes.event(tenant, run.id, run.key[1], "planner.transition", moved)
     run.state = decision.state
     run.dirty = True
     run.wake_at = from_ms(decision.wake_at_ms)
@@ -68,14 +76,14 @@ def apply_decision(
         stop_for_budget(run, refusal, tenant=tenant, writes=writes, now=now, loaded=loaded)
         return
     for request in requests:
-        writes.new_step(spec, tenant, run.id, request)
+        writes.new_step(spec, tenant, run.id, request, trace=run.traceparent)
     in_memory = {row.seq: row for row in loaded.get(run.id, ())}
     cancelled: list[str] = []
     for seq in sorted(halted):
         row = in_memory.get(seq)
         if row is not None:
             if row.status in ACTIVE:
-                _halt(row, now)
+                _halt(row, run, writes, now)
         else:
             writes.cancel_steps.append(step_id_for(run.id, seq))
         cancelled.append(str(step_id_for(run.id, seq)))
@@ -90,7 +98,7 @@ def apply_decision(
         # rows of this batch are checked too, at no cost (no extra statement per run).
         for row in in_memory.values():
             if row.status in ACTIVE:
-                _halt(row, now)
+                _halt(row, run, writes, now)
                 cancelled.append(str(row.id))
     if cancelled:
         writes.cancel_notices.append({"run": str(run.id), "steps": sorted(set(cancelled))})
@@ -102,6 +110,7 @@ def apply_decision(
 def _finished(run: RunRow, tenant: str, writes: WriteSet) -> None:
     if writes.budgets is not None:
         writes.budgets.release_run(run.id)
+    writes.event(tenant, run.id, run.key[1], f"run.{run.status}", run_final_event(run.status, run.output, run.error))
     writes.audit(tenant, "run.finished", f"run:{run.id}", run_finished_data(run.id, run.status, run.error))
     metrics.RUNS_FINISHED.labels(run.status).inc()
 
@@ -125,13 +134,31 @@ def stop_for_budget(
     run.dirty = True
     for row in loaded.get(run.id, ()):
         if row.status in ACTIVE:
-            _halt(row, now)
+            _halt(row, run, writes, now)
     writes.halt_runs.append(run.id)
     writes.cancel_notices.append({"run": str(run.id)})
     metrics.BUDGET_EVENTS.labels(tenant, "stopped").inc()
     writes.audit(tenant, "budget.exceeded", f"budget:{refusal.budget.name}",
                  {"run": str(run.id), **refusal.as_dict()})  # fmt: skip
+    writes.event(tenant, run.id, run.key[1], "budget.exceeded", refusal.as_dict())
     _finished(run, tenant, writes)
+
+
+#: outputs larger than this (as JSON) are left out of run.succeeded; GET the run for them
+EVENT_OUTPUT_LIMIT = 16_384
+
+
+def run_final_event(status: str, output: Any, error: str | None) -> dict[str, Any]:
+    """The data of a run's terminal event (run.succeeded / run.failed / run.cancelled)."""
+    data: dict[str, Any] = {"status": status}
+    if error:
+        data["error"] = clean_text(error, 2000)
+    if output is not None:
+        if len(orjson.dumps(output)) <= EVENT_OUTPUT_LIMIT:
+            data["output"] = output
+        else:
+            data["output_truncated"] = True
+    return data
 
 
 def run_finished_data(run_id: uuid.UUID, status: str, error: str | None) -> dict[str, Any]:

@@ -36,12 +36,28 @@ from agentflow_control_plane.engine.specs import CompiledWorkflow, SpecCache
 from agentflow_control_plane.engine.writes import WriteSet, clean_text
 from agentflow_control_plane.governance.costing import CostServices
 from agentflow_control_plane.settings import ControlPlaneSettings
+from agentflow_control_plane.tracing import traced_result
 from agentflow_core.envelope import check_result, open_envelope
 from agentflow_core.errors import EnvelopeRejected
 from agentflow_core.planners import StepResult
 from agentflow_core.spec import INLINE_RETRY
 
 log = logging.getLogger("agentflow.results")
+
+
+def _duration_ms(step: StepRow, now: datetime) -> float | None:
+    start = step.started_at or step.queued_at
+    end = step.finished_at or now
+    return round((end - start).total_seconds() * 1000, 3) if start is not None else None
+
+
+def _tokens(usage: dict[str, Any]) -> int:
+    total = 0
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key)
+        if type(value) is int and value > 0:
+            total += value
+    return total
 
 
 def _ts(us: int) -> datetime:
@@ -66,7 +82,7 @@ LOAD_SQL = (
     " s.attempts, s.pickups_before, s.step_hash, s.queued_at, s.started_at, s.worker,"
     " r.status, r.planner_state, r.input, r.workflow_name, r.workflow_version, r.started_at,"
     " EXISTS (SELECT 1 FROM envelopes e WHERE e.step_id = s.id AND e.attempt = s.attempt"
-    " AND e.kind = 'result'), r.wake_at "
+    " AND e.kind = 'result'), r.wake_at, r.traceparent "
     "FROM steps s JOIN runs r ON r.id = s.run_id WHERE s.id = ANY($1::uuid[]) "
     "ORDER BY r.id, s.id FOR UPDATE OF r, s"
 )
@@ -220,7 +236,7 @@ class ResultProcessor:
                         body = None
                         item.reject_reason = "result names another tenant or run than its step"
                     elif body["kind"] == "started":
-                        self._started(step, run, body)  # progress only: no envelope to keep
+                        self._started(step, run, body, writes)  # progress only: no envelope to keep
                         continue
                     elif body["attempt"] == step.attempt and step.step_hash and body["step_hash"] != step.step_hash:
                         item.reject_reason = (
@@ -281,12 +297,12 @@ class ResultProcessor:
                 if not current or step.status not in ACTIVE or run.status in FINAL_RUN:
                     continue  # late result of a superseded attempt or a finished run: recorded only
                 step.has_result = True
-                self._started(step, run, body)
+                self._started(step, run, body, writes)
                 step.finished_at = _ts(body["finished_us"])
                 step.result_hash = item.digest
                 latencies.append((now - step.queued_at).total_seconds())
                 result = StepResult(step.seq, body["status"], body.get("output"), body.get("error"))
-                self._finish_attempt(step, run, compiled.get(run.key), writes, now, result, loaded)
+                self._finish_attempt(step, run, compiled.get(run.key), writes, now, result, loaded, body.get("usage"))
 
             for step in steps.values():
                 if step.dirty:
@@ -315,9 +331,13 @@ class ResultProcessor:
         await self._dispatcher.confirm(outgoing, sent)
 
     @staticmethod
-    def _started(step: StepRow, run: RunRow, body: dict[str, Any]) -> None:
+    def _started(step: StepRow, run: RunRow, body: dict[str, Any], writes: WriteSet) -> None:
         if body["attempt"] != step.attempt or step.status not in ACTIVE:
             return
+        if step.status != "running" or step.worker != body["worker"]:
+            writes.event(step.tenant, run.id, run.key[1], "step.started",
+                         {"name": step.state, "agent": step.agent, "attempt": step.attempt, "worker": body["worker"]},
+                         step.id)  # fmt: skip
         step.status = "running"
         step.worker = body["worker"]
         step.started_at = _ts(body["started_us"])
@@ -327,7 +347,9 @@ class ResultProcessor:
             run.status = "running"
             run.started_at = run.started_at or step.started_at
             run.dirty = True
+            writes.event(step.tenant, run.id, run.key[1], "run.started", {"status": "running"})
 
+    @traced_result
     def _finish_attempt(
         self,
         step: StepRow,
@@ -337,26 +359,37 @@ class ResultProcessor:
         now: datetime,
         result: StepResult,
         loaded: dict[uuid.UUID, list[StepRow]],
+        usage: Any = None,
     ) -> None:
         step.dirty = True
+        data: dict[str, Any] = {"name": step.state, "agent": step.agent, "attempt": step.attempt,
+                                "worker": step.worker, "duration_ms": _duration_ms(step, now)}  # fmt: skip
+        if isinstance(usage, dict):
+            data["cost_usd"] = usage.get("cost_usd", 0)
+            data["tokens"] = _tokens(usage)
         if result.status == "succeeded":
             step.status = "succeeded"
             step.output = result.output
             step.error = None
             metrics.STEPS_COMPLETED.inc()
+            writes.event(step.tenant, run.id, run.key[1], "step.succeeded", data, step.id)
         else:
             metrics.STEPS_FAILED.labels(result.status).inc()
             step.error = result.error or result.status
             step.output = result.output
+            data |= {"status": result.status, "error": clean_text(step.error, 2000)}
             if workflow is not None and step.attempt < step.max_attempts:
                 refusal = writes.reserve_retry(step.tenant, run.id, run.key[1], step.agent, step.id, step.attempt + 1)
                 if refusal is not None:
                     step.status = "failed"
+                    writes.event(step.tenant, run.id, run.key[1], "step.failed", {**data, "retrying": False}, step.id)
                     stop_for_budget(run, refusal, tenant=step.tenant, writes=writes, now=now, loaded=loaded)
                     return
                 agent = workflow.spec.agents.get(step.agent)
                 policy = agent.retry if agent is not None else INLINE_RETRY
                 delay_ms = policy.delay_ms(step.attempt)
+                writes.event(step.tenant, run.id, run.key[1], "step.failed",
+                             {**data, "retrying": True, "retry_in_ms": delay_ms}, step.id)  # fmt: skip
                 step.status = "queued"
                 step.attempt += 1
                 step.pickups_before = max(step.attempts, step.pickups_before + 1)
@@ -367,6 +400,7 @@ class ResultProcessor:
                 metrics.STEP_RETRIES.inc()
                 return
             step.status = "failed"
+            writes.event(step.tenant, run.id, run.key[1], "step.failed", {**data, "retrying": False}, step.id)
         if workflow is None:
             return
         decision = workflow.planner.on_result(run.state, result, run.input, now_ms(now))

@@ -76,6 +76,7 @@ class RunRow:
         "started_at",
         "state",
         "status",
+        "traceparent",
         "wake_at",
     )
 
@@ -88,6 +89,7 @@ class RunRow:
         key: tuple[str, str, int],
         started_at: datetime | None,
         wake_at: datetime | None,
+        traceparent: str | None = None,
     ) -> None:
         self.id = run_id
         self.status = status
@@ -96,6 +98,8 @@ class RunRow:
         self.key = key
         self.started_at = started_at
         self.wake_at = wake_at
+        #: the run's trace context (``runs.traceparent``): the parent of its decisions' spans
+        self.traceparent = traceparent
         self.output: Any = None
         self.error: str | None = None
         self.finished_at: datetime | None = None
@@ -104,7 +108,7 @@ class RunRow:
     @classmethod
     def from_load(cls, row: Any) -> RunRow:
         """From a row of the result path's LOAD query (step columns first)."""
-        return cls(row[1], row[15], row[16], row[17], (row[2], row[18], row[19]), row[20], row[22])
+        return cls(row[1], row[15], row[16], row[17], (row[2], row[18], row[19]), row[20], row[22], row[23])
 
     def update_tuple(self) -> tuple[Any, ...]:
         return (

@@ -35,15 +35,18 @@ from agentflow_control_plane.governance.costing import CostServices
 log = logging.getLogger("agentflow.timers")
 
 DUE_SQL = (
-    "SELECT s.id, s.run_id, s.tenant_id, s.attempt, s.queue, e.body FROM steps s "
+    "SELECT s.id, s.run_id, s.tenant_id, s.attempt, s.queue, e.body, r.workflow_name, s.state, r.traceparent "
+    "FROM steps s "
     "JOIN envelopes e ON e.step_id = s.id AND e.attempt = s.attempt - 1 AND e.kind = 'step' "
+    "JOIN runs r ON r.id = s.run_id "
     "WHERE s.next_attempt_at <= now() AND s.status = 'queued' "
     "ORDER BY s.next_attempt_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED"
 )
 
 
 WAKE_SQL = (
-    "SELECT id, tenant_id, workflow_name, workflow_version, status, planner_state, input, started_at FROM runs "
+    "SELECT id, tenant_id, workflow_name, workflow_version, status, planner_state, input, started_at, traceparent "
+    "FROM runs "
     "WHERE wake_at <= now() AND status IN ('pending', 'running') "
     "ORDER BY wake_at LIMIT $1 FOR UPDATE SKIP LOCKED"
 )
@@ -86,11 +89,12 @@ class Timers:
             if not rows:
                 return 0
             updates = []
-            for step_id, run_id, tenant, attempt, queue, previous in rows:
+            for step_id, run_id, tenant, attempt, queue, previous, workflow, name, trace in rows:
                 body = orjson.loads(bytes(previous))
                 body.pop("hash", None)
                 body["attempt"] = attempt
-                digest = writes.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=queue, body=body)
+                digest = writes.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=queue, body=body,
+                                                 workflow=workflow, name=name, trace=trace)  # fmt: skip
                 updates.append((step_id, digest))
             await conn.execute(
                 "UPDATE steps AS s SET step_hash = u.hash, next_attempt_at = NULL, queued_at = $3 "
@@ -111,7 +115,7 @@ class Timers:
             rows = await conn.fetch(WAKE_SQL, limit)
             if not rows:
                 return 0
-            runs = [RunRow(r[0], r[4], r[5], r[6], (r[1], r[2], r[3]), r[7], None) for r in rows]
+            runs = [RunRow(r[0], r[4], r[5], r[6], (r[1], r[2], r[3]), r[7], None, r[8]) for r in rows]
             compiled = await self._specs.get_many(conn, {run.key for run in runs})
             if self._costs is not None:
                 await self._costs.prepare(conn, writes, runs, compiled)

@@ -7,6 +7,7 @@ the per-step cost on the hot path is a few list appends rather than a round trip
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import uuid
@@ -18,10 +19,12 @@ from typing import Any
 import asyncpg
 import orjson
 
+from agentflow_bus import tracing as otel
 from agentflow_bus.subjects import Names
 from agentflow_control_plane.governance import audit_store
 from agentflow_control_plane.governance.budgets import RESERVATION_CASTS, WINDOW_CASTS, BudgetBook, Refusal, usd
 from agentflow_control_plane.governance.estimates import Costing
+from agentflow_control_plane.tracing import dispatch_traceparent
 from agentflow_core.envelope import ENVELOPE_VERSION, seal
 from agentflow_core.planners import StepRequest
 from agentflow_core.spec import WorkflowSpec, inline_agent, workflow_tools_of
@@ -29,14 +32,21 @@ from agentflow_core.spec import WorkflowSpec, inline_agent, workflow_tools_of
 #: the actor of entries the engine writes on its own
 ENGINE = "system:engine"
 
+#: set when a statement queued run events: wakes this process's event sequencer at once
+#: (the sequencer also polls, for events other control planes queue)
+EVENTS_QUEUED = asyncio.Event()
+
 
 def step_id_for(run_id: uuid.UUID, seq: int) -> uuid.UUID:
     """Deterministic step id, so replaying a run yields the same ids."""
     return uuid.uuid5(run_id, f"step:{seq}")
 
 
-def traceparent_for(run_id: uuid.UUID) -> str:
-    """W3C trace context: one trace per run (trace id = run id), a fresh span per message."""
+def traceparent_for(run_id: uuid.UUID, trace: str | None = None) -> str:
+    """W3C trace context of a step message while tracing is off: one trace per run (that of
+    the run's stored ``trace``; the run id for runs without one), a fresh span per message."""
+    if trace is not None and len(trace) == 55:
+        return f"00-{trace[3:35]}-{os.urandom(8).hex()}-{trace[53:]}"
     return f"00-{run_id.hex}-{os.urandom(8).hex()}-01"
 
 
@@ -88,11 +98,31 @@ class WriteSet:
     halt_runs: list[uuid.UUID] = field(default_factory=list)
     #: step id -> the ``budget`` of its next envelope (what it reserved)
     limits: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    #: run events (tenant, run, workflow, step, type, data json, at), queued by the same statement
+    events: list[tuple[Any, ...]] = field(default_factory=list)
 
     def attach_budgets(self, book: BudgetBook | None) -> None:
         self.budgets = book
         if book is not None:
-            book.audit = lambda tenant, action, resource, data: self.audit(tenant, action, resource, data)
+            book.audit = self._budget_audit
+
+    def _budget_audit(self, tenant: str, action: str, resource: str, data: dict[str, Any]) -> None:
+        self.audit(tenant, action, resource, data)
+        run = data.get("run")
+        if run is not None:
+            self.event(tenant, uuid.UUID(run), None, action, {k: v for k, v in data.items() if k != "run"})
+
+    def event(
+        self,
+        tenant: str,
+        run_id: uuid.UUID,
+        workflow: str | None,
+        kind: str,
+        data: dict[str, Any],
+        step_id: uuid.UUID | None = None,
+    ) -> None:
+        """Queue a run event for the event stream (see :mod:`agentflow_control_plane.events`)."""
+        self.events.append((tenant, run_id, workflow, step_id, kind, orjson.dumps(data).decode(), self.now))
 
     def admit_steps(
         self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, workflow: str, requests: Sequence[StepRequest]
@@ -168,6 +198,12 @@ class WriteSet:
         at = datetime.fromtimestamp(_int(body.get("finished_us")) / 1e6, UTC) if body.get("finished_us") else self.now
         usage = body.get("usage")
         if usage:
+            self.event(tenant, run_id, workflow, "cost.recorded",
+                       {"attempt": attempt, "cost_usd": _money(usage.get("cost_usd")),
+                        "prompt_tokens": _int(usage.get("prompt_tokens")),
+                        "completion_tokens": _int(usage.get("completion_tokens")),
+                        "models": sorted({str(c.get("model", "?"))[:256] for c in usage.get("llm_calls") or ()
+                                          if isinstance(c, dict)})}, step_id)  # fmt: skip
             self.usages.append(
                 (tenant, run_id, step_id, attempt, delivery, body["worker"],
                  _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
@@ -237,16 +273,28 @@ class WriteSet:
         step_id: uuid.UUID,
         queue: str,
         body: dict[str, Any],
+        workflow: str | None,
+        name: str,
+        trace: str | None = None,
     ) -> str:
-        """Seal a step envelope for an attempt and queue it for publishing. Returns its hash."""
+        """Seal a step envelope for an attempt and queue it for publishing. Returns its hash.
+        ``trace``: the run's stored trace context (``runs.traceparent``)."""
         wire, digest = seal(body)
         attempt = body["attempt"]
+        self.event(tenant, run_id, workflow, "step.scheduled",
+                   {"name": name, "agent": body["agent"]["name"], "seq": body["seq"], "attempt": attempt,
+                    "queue": queue}, step_id)  # fmt: skip
         self.add_envelope(tenant, run_id, step_id, attempt, "step", digest, wire)
         self.audit(
             tenant, "step.dispatched", f"step:{step_id}",
             {"run": str(run_id), "step": str(step_id), "seq": body["seq"], "attempt": attempt,
              "agent": body["agent"]["name"], "queue": queue, "envelope_hash": digest},
         )  # fmt: skip
+        if otel.ON:
+            traceparent = dispatch_traceparent(tenant=tenant, workflow=workflow, run_id=run_id, step_id=step_id,
+                                               body=body, queue=queue, trace=trace)  # fmt: skip
+        else:
+            traceparent = traceparent_for(run_id, trace)
         self.outbox.append(
             OutMsg(
                 tenant=tenant,
@@ -254,12 +302,14 @@ class WriteSet:
                 subject=self.names.step_subject(queue, tenant),
                 msg_id=f"s:{step_id}:{attempt}",
                 body=wire,
-                traceparent=traceparent_for(run_id),
+                traceparent=traceparent,
             )
         )
         return digest
 
-    def new_step(self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest) -> None:
+    def new_step(
+        self, spec: WorkflowSpec, tenant: str, run_id: uuid.UUID, req: StepRequest, trace: str | None = None
+    ) -> None:
         agent = spec.agents[req.agent] if req.inline_agent is None else inline_agent(req.inline_agent)
         step_id = step_id_for(run_id, req.seq)
         agent_call: dict[str, Any] = {
@@ -285,7 +335,8 @@ class WriteSet:
         limits = self.limits.pop(step_id, None)
         if limits is not None:
             body["budget"] = limits
-        digest = self.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body)
+        digest = self.dispatch_attempt(tenant=tenant, run_id=run_id, step_id=step_id, queue=agent.queue, body=body,
+                                       workflow=spec.name, name=req.state, trace=trace)  # fmt: skip
         self.new_steps.append(
             (
                 step_id,
@@ -326,7 +377,8 @@ class WriteSet:
         if self.new_run is not None:
             ctes.append(
                 "new_run AS (INSERT INTO runs (id, tenant_id, workflow_name, workflow_version, status, input, output,"
-                " error, planner_state, idempotency_key, request_hash, created_at, finished_at, wake_at, estimate)"
+                " error, planner_state, idempotency_key, request_hash, created_at, finished_at, wake_at, estimate,"
+                " traceparent)"
                 " VALUES ("
                 + ", ".join(arg(v, c) for v, c in zip(self.new_run, RUN_CASTS, strict=True))
                 + ") ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
@@ -414,7 +466,14 @@ class WriteSet:
                     + arg(ids, "uuid[]")
                     + ") AND status IN ('queued', 'running') AND id <> ALL("
                     + arg([u[0] for u in self.step_updates], "uuid[]")
-                    + "))"
+                    + ") RETURNING id, run_id, tenant_id, state, agent, attempt)"
+                )
+                ctes.append(
+                    f"{cte}_events AS (INSERT INTO event_queue (tenant_id, run_id, workflow, step_id, type, data,"
+                    " created_at) SELECT h.tenant_id, h.run_id, r.workflow_name, h.id, 'step.cancelled',"
+                    " jsonb_build_object('name', h.state, 'agent', h.agent, 'attempt', h.attempt), "
+                    + arg(self.now, "timestamptz")
+                    + f" FROM {cte} h JOIN runs r ON r.id = h.run_id)"
                 )
         book = self.budgets
         if book is not None:
@@ -489,6 +548,11 @@ class WriteSet:
                 + columns(self.audits, audit_store.QUEUE_CASTS)
                 + f") AS u{guard})"
             )
+        if self.events:
+            ctes.append(
+                "new_events AS (INSERT INTO event_queue (tenant_id, run_id, workflow, step_id, type, data, created_at)"
+                " SELECT * FROM unnest(" + columns(self.events, EVENT_CASTS) + f") AS u{guard})"
+            )
         if self.envelopes:
             ctes.append(
                 "new_envelopes AS (INSERT INTO envelopes (tenant_id, run_id, step_id, attempt, kind, hash, body) "
@@ -514,6 +578,8 @@ class WriteSet:
         outbox_ids = "ARRAY(SELECT id FROM new_outbox ORDER BY id)" if self.outbox else "NULL::bigint[]"
         row = await conn.fetchrow("WITH " + ", ".join(ctes) + f" SELECT {inserted}, {outbox_ids}", *params)
         assert row is not None
+        if self.events or self.cancel_steps or self.halt_runs:
+            EVENTS_QUEUED.set()
         if self.outbox and row[0]:
             # Serial ids follow the unnest order, so ids and messages pair up in order.
             for msg, outbox_id in zip(self.outbox, row[1], strict=True):
@@ -566,9 +632,10 @@ def _str_or_none(value: Any) -> str | None:
     return value[:4000] if isinstance(value, str) else None
 
 
+EVENT_CASTS = ("text[]", "uuid[]", "text[]", "uuid[]", "text[]", "jsonb[]", "timestamptz[]")
 ENVELOPE_CASTS = ("text[]", "uuid[]", "uuid[]", "int[]", "text[]", "text[]", "bytea[]")
 RUN_CASTS = ("uuid", "text", "text", "int", "text", "jsonb", "jsonb", "text", "jsonb", "text", "text",
-             "timestamptz", "timestamptz", "timestamptz", "jsonb")  # fmt: skip
+             "timestamptz", "timestamptz", "timestamptz", "jsonb", "text")  # fmt: skip
 
 
 def dumps_or_none(value: Any) -> str | None:

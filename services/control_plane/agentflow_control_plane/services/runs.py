@@ -18,7 +18,7 @@ from agentflow_control_plane import metrics
 from agentflow_control_plane.db.models import Run
 from agentflow_control_plane.db.repository import TenantRepository
 from agentflow_control_plane.db.session import pg_transaction
-from agentflow_control_plane.engine.decisions import from_ms, now_ms, run_finished_data
+from agentflow_control_plane.engine.decisions import from_ms, now_ms, run_final_event, run_finished_data
 from agentflow_control_plane.engine.specs import SpecCache
 from agentflow_control_plane.engine.writes import OutMsg, WriteSet, dumps_or_none
 from agentflow_control_plane.governance import audit_store
@@ -26,9 +26,11 @@ from agentflow_control_plane.governance.budgets import BudgetBook, Refusal, admi
 from agentflow_control_plane.governance.calibration import Corrections
 from agentflow_control_plane.governance.costing import CostServices
 from agentflow_control_plane.governance.estimates import Costing, Estimator
+from agentflow_control_plane.tracing import run_traceparent, traced_create
 from agentflow_core.canonical import content_hash
 from agentflow_core.errors import BudgetExceeded, Conflict
 from agentflow_core.planners import StepRequest
+from agentflow_core.planners.progress import transition
 from agentflow_core.spec import WorkflowSpec
 
 
@@ -84,6 +86,7 @@ async def _existing(repo: TenantRepository, key: str, request_hash: str) -> Crea
     return CreatedRun(run["id"], run["status"], False, [])
 
 
+@traced_create
 async def create_run(
     repo: TenantRepository,
     specs: SpecCache,
@@ -144,9 +147,17 @@ async def create_run(
         now if outcome else None,
         None if outcome else from_ms(decision.wake_at_ms),
         dumps_or_none(estimate),
+        run_traceparent(run_id),
     )
+    writes.event(repo.tenant, run_id, workflow, "run.created", {"workflow": workflow, "version": resolved,
+                                                                "status": status})  # fmt: skip
+    moved = transition(None, decision.state)
+    if moved is not None:
+        writes.event(repo.tenant, run_id, workflow, "planner.transition", moved)
     if outcome is not None:
         writes.audit(repo.tenant, "run.finished", f"run:{run_id}", run_finished_data(run_id, status, outcome.error))
+        writes.event(repo.tenant, run_id, workflow, f"run.{status}",
+                     run_final_event(status, outcome.output, outcome.error))  # fmt: skip
     budgets = (await costs.budgets.get_many(conn, [repo.tenant]))[repo.tenant] if costs is not None else ()
     if budgets and engine is not None:
         # The windows stay locked from the admission check to the commit of the run and
@@ -222,10 +233,16 @@ async def _refused(
 
 
 async def cancel_run(repo: TenantRepository, run_id: uuid.UUID, *, actor: str, governance: bool = True) -> Run:
-    run, changed = await repo.cancel_run(run_id)
-    if changed and governance:
-        entry = audit_store.queued(repo.tenant, datetime.now(UTC), actor, "run.cancelled", f"run:{run_id}",
-                                   {"run": str(run_id)})  # fmt: skip
-        await audit_store.enqueue(await repo.driver(), [entry])
+    run, halted = await repo.cancel_run(run_id)
+    if halted is not None:
+        now = datetime.now(UTC)
+        writes = WriteSet(Names(""), now, governance=governance)
+        for step_id, name, agent, attempt in halted:
+            writes.event(repo.tenant, run_id, run.workflow_name, "step.cancelled",
+                         {"name": name, "agent": agent, "attempt": attempt}, step_id)  # fmt: skip
+        writes.event(repo.tenant, run_id, run.workflow_name, "run.cancelled",
+                     {**run_final_event("cancelled", None, run.error), "by": actor})  # fmt: skip
+        writes.audit(repo.tenant, "run.cancelled", f"run:{run_id}", {"run": str(run_id)}, actor=actor)
+        await writes.flush(await repo.driver())
     await repo.session.commit()
     return run

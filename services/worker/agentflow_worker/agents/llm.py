@@ -46,6 +46,7 @@ from agentflow_worker.agents.llm_pricing import (
 )
 from agentflow_worker.agents.llm_prompts import render_setting
 from agentflow_worker.services import WorkerServices
+from agentflow_worker.tracing import llm_call, llm_usage
 
 log = logging.getLogger("agentflow.llm")
 
@@ -295,10 +296,11 @@ class _Conversation:
         for attempt in range(attempts):
             await self._check_budget(settings, route, messages, tools)
             try:
-                if self.config.stream:
-                    return await self._streamed(settings, route, messages, kwargs)
-                response = await self.litellm.acompletion(messages=messages, **kwargs)
-                return self._answer(settings, route, messages, response)
+                with llm_call(settings.provider, settings.model, route, attempt + 1):
+                    if self.config.stream:
+                        return await self._streamed(settings, route, messages, kwargs)
+                    response = await self.litellm.acompletion(messages=messages, **kwargs)
+                    return self._answer(settings, route, messages, response)
             except (AgentError, _ModelFailed, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -383,6 +385,7 @@ class _Conversation:
     def _record(self, settings: ModelSettings, route: str, prompt: int, completion: int) -> None:
         cost, source = call_cost(route, settings.model, prompt, completion, self.services.llm_prices)
         self.ctx.meter.llm_calls.append(LlmUsage(route, prompt, completion, cost, source))
+        llm_usage(route, prompt, completion, cost, source)
         self.prompt_tokens += prompt
         self.completion_tokens += completion
         self.cost_usd += cost

@@ -37,6 +37,7 @@ from agentflow_core.tools import RateLimit, ToolSpec, schema_errors, tool_listed
 from agentflow_core.tools_config import ToolsConfig
 from agentflow_worker.agents.base import AgentError, StepContext
 from agentflow_worker.secrets import SecretStore
+from agentflow_worker.tracing import traced_tool_call
 
 log = logging.getLogger("agentflow.tools")
 
@@ -155,6 +156,7 @@ class ToolRuntime:
 
     # --- calls ------------------------------------------------------------------------
 
+    @traced_tool_call
     async def call(self, ctx: StepContext, tool_id: str, arguments: Any, *, allowed: list[str]) -> ToolOutcome:
         started_us = time.time_ns() // 1000
         began = self._clock()

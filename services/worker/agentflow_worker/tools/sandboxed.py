@@ -27,6 +27,7 @@ from agentflow_core.tools import CommandHandler as CommandSpec
 from agentflow_core.tools import ToolSpec
 from agentflow_worker.sandbox.base import SandboxBackend, SandboxRequest, SandboxResult, SandboxUnavailable
 from agentflow_worker.tools.errors import ToolFailure
+from agentflow_worker.tracing import traced_sandbox
 
 #: Linux's limit on one argument (MAX_ARG_STRLEN); code passed with ``-c`` must fit
 _MAX_ARG = 128 * 1024 - 1
@@ -64,6 +65,7 @@ class _Sandboxed:
             )
         return backend
 
+    @traced_sandbox
     async def run(self, spec: ToolSpec, profile: ExecProfile, request: SandboxRequest) -> SandboxResult:
         backend = self.backend(spec, profile)
         problem = backend.available()
