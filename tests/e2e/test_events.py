@@ -13,6 +13,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from agentflow_control_plane.auth import issue_token
+from agentflow_control_plane.db.session import make_engine, pg_autocommit
+from agentflow_control_plane.events.store import EventSequencer
+from agentflow_control_plane.settings import to_async_url
 from agentflow_core.builders import linear_fsm
 from tests.support.processes import Api, Cluster
 from tests.support.services import TestEnv
@@ -166,7 +169,7 @@ def test_tenant_stream_filters_and_tenant_isolation(api: Api, cluster: tuple[Clu
             got.append(json.loads(ws.recv(timeout=20)))
     assert {e["run_id"] for e in got} == {mine}
     assert all(e["type"].startswith("run.") for e in got)
-    assert [e["type"] for e in got][0] == "run.created"
+    assert got[0]["type"] == "run.created"
     api.wait(mine)
     other.wait(theirs)
 
@@ -272,16 +275,38 @@ def test_slow_consumers_are_disconnected_and_resume(make_env: Any) -> None:
         cluster.close()
 
 
-def test_bad_cursors_are_refused_clearly(api: Api, shared_env: TestEnv) -> None:
+async def _age_and_prune(env: TestEnv, tenant: str) -> None:
+    """Make the tenant's events a month old, then run retention as the sequencer does."""
+    engine = make_engine(to_async_url(env.database_url), pool_size=2)
+    try:
+        async with pg_autocommit(engine) as conn:
+            await conn.execute("UPDATE events SET created_at = now() - interval '30 days' WHERE tenant_id = $1", tenant)
+        await EventSequencer(engine, retention_days=7).prune_once()
+    finally:
+        await engine.dispose()
+
+
+async def test_bad_cursors_are_refused_clearly(api: Api, shared_env: TestEnv) -> None:
     assert api.put_workflow(linear_fsm("ev-c", 1)).status_code in (200, 201)
     run_id = api.start("ev-c")
     api.wait(run_id)
     ahead = api.client.get("/v1/events", params={"after": 10**15},
                            headers={"Accept": "text/event-stream"})  # fmt: skip
     assert ahead.status_code == 422 and "ahead of the stream" in ahead.json()["detail"]
+    page = api.client.get("/v1/events", params={"after": 10**15})
+    assert page.status_code == 422 and page.json()["errors"][0]["loc"] == "query.after"
     events, code, reason = ws_collect(ws_url(api.url, f"/v1/runs/{run_id}/events?after=-1"), headers(api))
     assert (events, code) == ([], 4400) and "after" in reason
     token = issue_token(shared_env.secret, tenant=api.tenant, roles=["viewer"], subject="v", ttl_s=60)
     viewer = {"Authorization": f"Bearer {token}"}
     events, code, _ = ws_collect(ws_url(api.url, f"/v1/runs/{run_id}/events"), viewer)
     assert code == 1000 and events[-1]["type"] == "run.succeeded"
+
+    # retention deleted the events: resuming from before them would leave a gap
+    first = events[0]["cursor"]
+    await _age_and_prune(shared_env, api.tenant)
+    gone = api.client.get(f"/v1/runs/{run_id}/events", params={"after": first})
+    assert gone.status_code == 410 and gone.json()["code"] == "cursor_expired"
+    events, code, reason = ws_collect(ws_url(api.url, f"/v1/events?after={first}"), headers(api))
+    assert (events, code) == ([], 4410) and "retention" in reason
+    assert api.client.get(f"/v1/runs/{run_id}/events").json()["events"] == []

@@ -170,12 +170,12 @@ def named(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
 
 def span_id(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.span_id
+    return int(span.context.span_id)
 
 
 def trace_id(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.trace_id
+    return int(span.context.trace_id)
 
 
 def parent_id(span: ReadableSpan) -> int | None:
@@ -189,7 +189,7 @@ async def test_one_trace_spans_the_control_plane_and_the_worker_for_a_run(
     client = stack
     assert (await client.put("/v1/workflows/traced", json=workflow(fake))).status_code == 200
     assert (await client.put("/v1/workflows/traced-fail", json=FAILING)).status_code == 200
-    answer = [
+    answer: list[dict[str, Any]] = [
         {"tool_calls": [{"name": "code_executor", "arguments": CODE}], "usage": {"prompt_tokens": 120,
                                                                                  "completion_tokens": 30}},
         {"content": "42", "usage": {"prompt_tokens": 200, "completion_tokens": 5}},

@@ -194,13 +194,12 @@ async def _http(
     cursor = _after(after, "after")
     if cursor is None and sse:
         cursor = _after(request.headers.get("last-event-id") or None, "Last-Event-ID")
-    if not sse:
-        start = 0 if cursor is None else cursor
-        if cursor is not None:
-            await hub.check_cursor(cursor)
-        events, next_cursor = await hub.history(flt, start, limit)
-        return _page(events, next_cursor)
     try:
+        if not sse:
+            if cursor is not None:
+                await hub.check_cursor(cursor)
+            events, next_cursor = await hub.history(flt, cursor or 0, limit)
+            return _page(events, next_cursor)
         start = await _start(state, flt, cursor)
     except BadCursor as exc:
         raise _cursor_error(exc) from exc
