@@ -77,11 +77,15 @@ RUN groupadd --system --gid 10001 agentflow \
 
 # XDG_CACHE_HOME under /tmp: with a read-only root filesystem (the Helm chart) /tmp is the
 # only writable place, and libraries that cache (litellm's tokenizers) write there.
+# litellm's price map and tokenizers come from the installed package, never fetched at run
+# time (the processes set the same defaults; here they also cover `python -c` and shells).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/agentflow \
-    XDG_CACHE_HOME=/tmp/.cache
+    XDG_CACHE_HOME=/tmp/.cache \
+    LITELLM_LOCAL_MODEL_COST_MAP=True \
+    HF_HUB_OFFLINE=1
 WORKDIR /home/agentflow
 ENTRYPOINT ["agentflow"]
 

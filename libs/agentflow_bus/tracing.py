@@ -31,6 +31,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import Attributes
 
+from agentflow_core.errors import ConfigurationError
+
 log = logging.getLogger("agentflow.tracing")
 
 #: True while spans are recorded: hot paths test this before doing anything else
@@ -54,7 +56,7 @@ _NULL: contextlib.nullcontext[None] = contextlib.nullcontext()
 NOOP = _NULL
 
 
-class TracingConfigError(ValueError):
+class TracingConfigError(ConfigurationError):
     """An ``OTEL_*`` variable asks for something this build cannot do."""
 
 

@@ -84,8 +84,9 @@ def control_plane() -> None:
     settings = _settings_or_exit(ControlPlaneSettings)
     _setup_logging(settings.log_level)
     _tune_gc()
+    app = _settings_or_exit(lambda: create_app(settings))  # OTEL_* it cannot honor: a plain error
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -109,6 +110,7 @@ def control_plane() -> None:
 def worker(queue: str | None, concurrency: int | None) -> None:
     """Run a worker that executes steps from one queue."""
     from agentflow_worker.settings import WorkerSettings
+    from agentflow_worker.tracing import setup as setup_tracing
     from agentflow_worker.worker import run_worker
 
     overrides: dict[str, Any] = {}
@@ -120,6 +122,7 @@ def worker(queue: str | None, concurrency: int | None) -> None:
     _setup_logging(settings.log_level)
     _install_uvloop()
     _tune_gc()
+    _settings_or_exit(setup_tracing)  # OTEL_* it cannot honor: a plain error
 
     async def main() -> None:
         stop = asyncio.Event()

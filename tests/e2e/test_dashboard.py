@@ -114,6 +114,18 @@ planner:
       depends_on: [deep_dive, social]
 """
 
+EXPORT = """
+name: nightly-export
+agents:
+  export: {type: failure, message: "warehouse refused the connection"}
+planner:
+  type: fsm
+  initial_state: export
+  states:
+    export: {agent: export, on_success: done}
+  final_states: [done]
+"""
+
 
 def _require_chromium() -> None:
     if CHROMIUM.exists():
@@ -156,7 +168,7 @@ def _token(api: Api) -> str:
 def ops(cluster: tuple[Cluster, str], shared_env: TestEnv, fake_llm: FakeOpenAI) -> Api:
     """The operator's tenant, shared by this module's tests (costs add up over them)."""
     api = Api(cluster[1], shared_env, f"dash-{secrets.token_hex(3)}")
-    for spec in (TRIAGE % fake_llm.api_base, BT, DAG):
+    for spec in (TRIAGE % fake_llm.api_base, BT, DAG, EXPORT):
         response = api.put_workflow(spec)
         assert response.status_code == 200, response.text
     return api
@@ -245,7 +257,6 @@ def test_runs_list_follows_runs_live_and_shows_no_other_tenant(page: Any, ops: A
     assert page.evaluate("window.__sameDocument") is True
     assert other.wait(theirs)["status"] == "succeeded"
     assert page.locator(f'tr[data-run="{theirs}"]').count() == 0
-    page.screenshot(path=str(IMG / "dashboard-runs.png"), full_page=True)
 
     # Filters narrow the list (and live in the address, so a reload keeps them).
     page.select_option("#filter-status", "failed")
@@ -281,7 +292,7 @@ def test_run_page_follows_a_run_live_to_completion(page: Any, ops: Api) -> None:
     # The timeline: three steps, the retried one with both attempts and its worker.
     expect(page.locator("#timeline tr.step")).to_have_count(3)
     classify = page.locator('#timeline tr.step[data-step="classify"]')
-    expect(classify).to_contain_text("attempt 2/2")
+    expect(classify.locator("td").nth(3)).to_have_text("2/2")
     expect(classify).to_have_attribute("data-status", "succeeded")
     expect(page.locator("#timeline tr.attempt")).to_have_count(2)
     run = ops.run(run_id)
@@ -353,6 +364,14 @@ def test_costs_page_shows_spend_by_workflow_agent_and_model(page: Any, ops: Api)
     assert ops.wait(run_id, timeout=SLOW / 1000)["status"] == "succeeded"
     costs = ops.client.get("/v1/costs", params={"period": "today", "group_by": "workflow"}).json()
     assert float(costs["total"]["cost_usd"]) > 0
+    budget = {
+        "scope": "workflow",
+        "target": "ticket-triage",
+        "period": "day",
+        "limit_usd": "0.001",
+        "enforcement": "soft",
+    }
+    assert ops.client.put("/v1/budgets/triage-daily", json=budget).status_code == 201
     sign_in(page, ops)
     page.goto(f"{ops.url}/ui/#/costs")
     expect(page.locator("#total-cost")).to_have_attribute("title", f"${costs['total']['cost_usd']}")
@@ -362,6 +381,7 @@ def test_costs_page_shows_spend_by_workflow_agent_and_model(page: Any, ops: Api)
     expect(workflow.locator("td").nth(1)).to_have_attribute("title", f"${spent}")
     expect(page.locator('#costs-by-agent tr[data-key="summarize"]')).to_be_visible()
     expect(page.locator('#costs-by-model tr[data-key="openai/gpt-4o-mini"]')).to_be_visible()
+    expect(page.locator('#budgets tr[data-budget="triage-daily"]')).to_contain_text("workflow ticket-triage")
     page.screenshot(path=str(IMG / "dashboard-costs.png"), full_page=True)
     page.select_option("#period", "month")
     expect(page.locator("#period")).to_have_value("month")
@@ -376,7 +396,28 @@ def test_audit_page_verifies_the_chain(page: Any, ops: Api) -> None:
     expect(page.locator("#audit-verdict")).to_have_text("The audit chain verifies")
     expect(page.locator("#audit-status .audit-status")).to_have_attribute("data-ok", "true")
     expect(page.locator("#audit-entries tbody tr").first).to_be_visible()
-    page.screenshot(path=str(IMG / "dashboard-audit.png"), full_page=True)
+    page.screenshot(path=str(IMG / "dashboard-audit.png"))
+
+
+def test_runs_list_shows_what_the_api_lists(page: Any, ops: Api) -> None:
+    """Last, so the list has the runs of every test above, plus a failed and a running one."""
+    failed = ops.start("nightly-export", {"day": "2026-11-20"})
+    assert ops.wait(failed)["status"] == "failed"
+    running = ops.start("ticket-triage", {"ticket": 404})
+    listed = ops.client.get("/v1/runs").json()
+    assert len(listed) >= 7
+    sign_in(page, ops)
+    page.goto(f"{ops.url}/ui/#/runs")
+    rows = page.locator("#runs-table tbody tr")
+    expect(rows).to_have_count(len(listed))
+    for i, run in enumerate(listed):  # newest first, as the API sorts them
+        expect(rows.nth(i)).to_have_attribute("data-run", run["id"])
+        if run["id"] != running:
+            expect(rows.nth(i)).to_have_attribute("data-status", run["status"])
+    expect(page.locator(f'tr[data-run="{failed}"]')).to_contain_text("warehouse refused the connection")
+    expect(page.locator(f'tr[data-run="{running}"]')).to_have_attribute("data-status", "running")
+    page.screenshot(path=str(IMG / "dashboard-runs.png"), full_page=True)
+    expect(page.locator(f'tr[data-run="{running}"]')).to_have_attribute("data-status", "succeeded", timeout=SLOW)
 
 
 # --- the graph endpoint ---------------------------------------------------------------------

@@ -6,20 +6,29 @@ part is the model server (tests/support/fake_llm.py). A run's LLM step calls the
 ``code_executor`` tool, its second step runs the same tool directly: the API request, the
 decisions, the dispatches, the worker's steps and the model/tool/sandbox calls must all be
 in the run's one trace, linked parent to child, and nothing of another run in it.
+
+The last test starts a control plane and a worker as processes, configured only by
+``OTEL_*`` variables, and receives their spans over real OTLP/HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -33,6 +42,7 @@ from agentflow_control_plane.settings import ControlPlaneSettings
 from agentflow_worker.settings import WorkerSettings
 from agentflow_worker.worker import Worker
 from tests.support.fake_llm import FakeOpenAI
+from tests.support.processes import Api, Cluster
 from tests.support.services import TestEnv
 
 PRICES = {"my-llama": {"input_per_million": 2.0, "output_per_million": 8.0}}
@@ -304,3 +314,86 @@ async def test_without_tracing_a_runs_trace_id_is_its_run_id(stack: httpx.AsyncC
     [row] = await env.sql("SELECT traceparent FROM runs WHERE id = $1::uuid", run["id"])
     stored = tracing.parse(row["traceparent"])
     assert stored is not None and stored.trace_id == uuid.UUID(run["id"]).int
+
+
+# --- real processes, real OTLP/HTTP export ------------------------------------------------
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP traces endpoint on 127.0.0.1 that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.paths: set[str] = set()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.paths.add(self.path)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                for resource_spans in request.resource_spans:
+                    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                    for scope_spans in resource_spans.scope_spans:
+                        for span in scope_spans.spans:
+                            attributes = {}
+                            for a in span.attributes:
+                                value = a.value
+                                attributes[a.key] = getattr(value, value.WhichOneof("value") or "string_value")
+                            receiver.spans.append({
+                                "service": resource.get("service.name"), "name": span.name,
+                                "trace": span.trace_id.hex(), "id": span.span_id.hex(),
+                                "parent": span.parent_span_id.hex(), "attributes": attributes,
+                            })  # fmt: skip
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_processes_configured_by_otel_variables_export_one_trace_per_run(env: TestEnv) -> None:
+    receiver = OtlpReceiver()
+    cluster = Cluster(env)
+    try:
+        _, url = cluster.control_plane(OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="100")
+        cluster.worker(name="otlp-worker", OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="100")
+        api = Api(url, env, f"otlp-{secrets.token_hex(3)}")
+        spec = {"name": "plain", "agents": {"e": {"type": "echo"}},
+                "planner": {"type": "dag", "steps": [{"name": "only", "agent": "e"}]}}  # fmt: skip
+        assert api.put_workflow(spec).status_code == 200
+        run = api.wait(api.start("plain", {"x": 1}))
+        assert run["status"] == "succeeded", cluster.logs()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            mine = [s for s in receiver.spans if s["attributes"].get("agentflow.run_id") == run["id"]]
+            if {s["name"] for s in mine} >= {"agentflow.step", "agentflow.decision"}:
+                break
+            time.sleep(0.1)
+    finally:
+        cluster.close()
+        receiver.close()
+    assert receiver.paths == {"/v1/traces"}
+    mine = [s for s in receiver.spans if s["attributes"].get("agentflow.run_id") == run["id"]]
+    assert len({s["trace"] for s in mine}) == 1, mine
+    by_id = {s["id"]: s for s in receiver.spans}
+    [step] = [s for s in mine if s["name"] == "agentflow.step"]
+    assert step["service"] == "agentflow-worker"
+    dispatch = by_id[step["parent"]]
+    assert (dispatch["name"], dispatch["service"]) == ("agentflow.dispatch", "agentflow-control-plane")
+    create = by_id[dispatch["parent"]]
+    assert create["name"] == "agentflow.run.create" and by_id[create["parent"]]["name"] == "POST /v1/runs"
+    assert {s["service"] for s in mine} == {"agentflow-control-plane", "agentflow-worker"}

@@ -209,6 +209,28 @@ def test_prometheus_and_grafana_configs_match_the_compose_services(tmp_path: Pat
     assert list((ROOT / "deploy/grafana/dashboards").glob("*.json"))
 
 
+def test_documented_sandbox_override_merges(tmp_path: Path) -> None:
+    """The docker-compose.override.yml that docs/deploy.md tells users to write is valid
+    and gives the worker what the sandbox needs (root, SYS_ADMIN, no AppArmor confinement)."""
+    docs = (ROOT / "docs/deploy.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if "docker-compose.override.yml" in b]
+    override = tmp_path / "docker-compose.override.yml"
+    override.write_text(snippet)
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.write_text("")
+    proc = subprocess.run(
+        [compose_binary(), "-f", str(COMPOSE_FILE), "-f", str(override), "--project-directory", str(ROOT),
+         "--env-file", str(empty_env_file), "config", "--format", "json"],
+        capture_output=True, text=True, env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **REQUIRED_ENV},
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    worker = json.loads(proc.stdout)["services"]["worker"]
+    assert worker["user"] == "0:0" and "SYS_ADMIN" in worker["cap_add"]
+    assert "apparmor=unconfined" in worker["security_opt"]
+    assert "user" not in json.loads(proc.stdout)["services"]["control-plane"]
+
+
 # --- Dockerfile ----------------------------------------------------------------------------
 
 

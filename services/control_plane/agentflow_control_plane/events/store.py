@@ -80,9 +80,10 @@ def to_event(tenant: str, row: Sequence[Any]) -> StoredEvent:
     """A row of ``EVENT_COLUMNS``; ``data`` is JSON text from a plain asyncpg connection and
     already decoded from a pooled one (SQLAlchemy installs a jsonb codec)."""
     cursor, kind, created, run_id, workflow, step_id, data = row
+    body = orjson.Fragment(data) if isinstance(data, str | bytes) else data
     wire = orjson.dumps(
         {"cursor": cursor, "type": kind, "ts": _ts(created), "run_id": str(run_id), "workflow": workflow,
-         "step_id": str(step_id) if step_id is not None else None, "data": orjson.Fragment(data) if isinstance(data, str | bytes) else data}
+         "step_id": str(step_id) if step_id is not None else None, "data": body}
     )  # fmt: skip
     return StoredEvent(cursor, tenant, run_id, workflow, kind, wire)
 

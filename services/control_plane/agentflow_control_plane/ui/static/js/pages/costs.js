@@ -20,16 +20,15 @@ export function mount(main, { query, navigate }) {
   const groupTable = (data) => {
     if (!data.groups.length) return h("div", { class: "empty" }, "Nothing spent in this period.");
     const max = Math.max(...data.groups.map((g) => Number(g.cost_usd)), 0);
-    return h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, data.group_by), h("th", { class: "num" }, "Cost"), h("th", {}), h("th", { class: "num" }, "Tokens in / out"), h("th", { class: "num" }, "Calls"))),
+    return h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, data.group_by), h("th", { class: "num" }, "Cost"), h("th", { class: "num" }, "Tokens in / out"), h("th", { class: "num", title: "LLM calls + tool calls" }, "Calls"))),
       h("tbody", {}, data.groups.map((g) => {
         const bar = h("div", {});
         bar.style.width = `${max ? (Number(g.cost_usd) / max) * 100 : 0}%`;
         return h("tr", { "data-key": g.key },
           h("td", { class: "mono small" }, g.key),
-          h("td", { class: "num", title: `$${g.cost_usd}` }, usd(g.cost_usd)),
-          h("td", {}, h("div", { class: "meter" }, bar)),
-          h("td", { class: "num small" }, `${int(g.prompt_tokens)} / ${int(g.completion_tokens)}`),
-          h("td", { class: "num small", title: "LLM calls + tool calls" }, `${int(g.llm_calls)} + ${int(g.tool_calls)}`));
+          h("td", { class: "num nowrap", title: `$${g.cost_usd}` }, usd(g.cost_usd), h("div", { class: "meter" }, bar)),
+          h("td", { class: "num small nowrap" }, `${int(g.prompt_tokens)} / ${int(g.completion_tokens)}`),
+          h("td", { class: "num small nowrap", title: "LLM calls + tool calls" }, `${int(g.llm_calls)} + ${int(g.tool_calls)}`));
       })));
   };
 
