@@ -152,6 +152,7 @@ class Stack:
         _write_private(self.home / STATE_FILE, json.dumps({"api_url": api_url, "token": token}))
         console.print(f"\n[green]AgentFlow is up[/] with {self.workers} worker(s); logs in {logs}")
         console.print(f"  API:     {api_url}   (OpenAPI: {api_url}/docs)")
+        console.print(f"  UI:      {api_url}/ui/   (sign in with the token below)")
         console.print("  tenant:  default (admin token valid 7 days)")
         print(f"export AGENTFLOW_API_URL={api_url}")
         print(f"export AGENTFLOW_TOKEN={token}", flush=True)

@@ -7,6 +7,7 @@ Screenshots land in docs/img/ (docs/dashboard.md shows them).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -126,6 +127,28 @@ planner:
   final_states: [done]
 """
 
+#: what the fake model answers the LLM planner (each reply answers only its model)
+PLAN: dict[str, list[dict[str, Any]]] = {
+    "steps": [
+        {"name": "find", "agent": "search"},
+        {"name": "digest", "agent": "summarize", "depends_on": ["find"]},
+        {"name": "draft", "agent": "write", "depends_on": ["digest"]},
+    ]
+}
+
+
+def research(name: str, api_base: str) -> dict[str, Any]:
+    """An LLM-planned workflow with a DAG fallback (for when no plan comes back)."""
+    return {
+        "name": name,
+        "agents": {"search": {"type": "constant", "output": {"sources": ["a.example"]}}, "summarize": {"type": "echo"},
+                   "write": {"type": "echo"}},
+        "planner": {
+            "type": "llm", "model": {"model": "planner-model", "api_base": api_base, "max_tokens": 512}, "max_steps": 6,
+            "fallback": {"type": "dag", "steps": [{"name": "search"}, {"name": "write", "depends_on": ["search"]}]},
+        },
+    }  # fmt: skip
+
 
 def _require_chromium() -> None:
     if CHROMIUM.exists():
@@ -156,7 +179,10 @@ def browser() -> Iterator[Any]:
 def fake_llm() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as fake:
         # A second's thought per answer, so a run is still going when the page opens.
-        fake.script({"content": "Customer cannot log in; reset link expired. Resend it.", "delay": 1.0})
+        fake.script(
+            {"model": "gpt-4o-mini", "content": "Customer cannot log in; reset link expired. Resend it.", "delay": 1.0},
+            {"model": "planner-model", "content": json.dumps(PLAN)},
+        )
         yield fake
 
 
@@ -168,7 +194,12 @@ def _token(api: Api) -> str:
 def ops(cluster: tuple[Cluster, str], shared_env: TestEnv, fake_llm: FakeOpenAI) -> Api:
     """The operator's tenant, shared by this module's tests (costs add up over them)."""
     api = Api(cluster[1], shared_env, f"dash-{secrets.token_hex(3)}")
-    for spec in (TRIAGE % fake_llm.api_base, BT, DAG, EXPORT):
+    # Port 9 (discard) refuses connections: no plan comes back, the fallback takes over.
+    specs: list[str | dict[str, Any]] = [
+        TRIAGE % fake_llm.api_base, BT, DAG, EXPORT,
+        research("research", fake_llm.api_base), research("research-offline", "http://127.0.0.1:9/v1"),
+    ]  # fmt: skip
+    for spec in specs:
         response = api.put_workflow(spec)
         assert response.status_code == 200, response.text
     return api
@@ -345,6 +376,42 @@ def test_plans_of_a_behavior_tree_and_a_dag_are_drawn_with_their_progress(page: 
                          ("social", "skipped"), ("report", "succeeded")):  # fmt: skip
         expect(page.locator(f'#graph g.node[data-key="{name}"]')).to_have_attribute("data-status", status)
     page.screenshot(path=str(IMG / "dashboard-run-dag.png"))
+
+
+def test_llm_plan_and_fallback_plan_are_drawn_with_their_progress(page: Any, ops: Api) -> None:
+    planned = ops.start("research", {"goal": "Compare two tea importers"})
+    offline = ops.start("research-offline", {"goal": "Compare two tea importers"})
+    assert ops.wait(planned)["status"] == "succeeded"
+    assert ops.wait(offline, timeout=SLOW / 1000)["status"] == "succeeded"
+    sign_in(page, ops)
+
+    # The model's plan joins the drawing below the planner node once it is accepted.
+    page.goto(f"{ops.url}/ui/#/runs/{planned}")
+    expect(page.locator("#plan-summary")).to_have_text("plan: 3 of 3 steps finished")
+    expect(page.locator('#graph g.node[data-shape="planner"]')).to_have_attribute("data-status", "succeeded")
+    for step in PLAN["steps"]:
+        expect(page.locator(f'#graph g.node[data-key="{step["name"]}"]')).to_have_attribute("data-status", "succeeded")
+
+    # No plan: the planner node failed and the fallback DAG ran.
+    page.goto(f"{ops.url}/ui/#/runs/{offline}")
+    expect(page.locator("#plan-summary")).to_have_text("fallback plan 1 · 2 of 2 steps finished")
+    expect(page.locator('#graph g.node[data-shape="planner"]')).to_have_attribute("data-status", "failed")
+    for name in ("search", "write"):
+        expect(page.locator(f'#graph g.node[data-key="{name}"]')).to_have_attribute("data-status", "succeeded")
+    expect(page.locator("#graph g.edge.dashed.taken")).to_have_count(1)
+
+
+def test_cancelling_a_run_from_its_page(page: Any, ops: Api) -> None:
+    sign_in(page, ops)
+    run_id = ops.start("ticket-triage", {"ticket": 505})
+    page.goto(f"{ops.url}/ui/#/runs/{run_id}")
+    expect(page.locator("#run-status .badge")).to_have_attribute("data-status", "running")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("#cancel-run")
+    expect(page.locator("#run-status .badge")).to_have_attribute("data-status", "cancelled")
+    expect(page.locator("#cancel-run")).to_have_count(0)
+    assert ops.run(run_id)["status"] == "cancelled"
+    expect(page.locator('#events tr[data-type="run.cancelled"]')).to_have_count(1)
 
 
 # --- workers, costs, audit ------------------------------------------------------------------

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -138,7 +138,7 @@ class AsyncAgentFlowClient:
         run_id: RunId | None = None,
         deadline: float | None = None,
         run_known: bool = False,
-    ) -> AsyncIterator[models.Event]:
+    ) -> AsyncGenerator[models.Event, None]:
         """Events from an SSE endpoint, reconnecting with ``after=<last cursor>`` whenever the
         connection drops; a run's stream ends after its terminal event."""
         url = self.base_url + path
@@ -281,7 +281,7 @@ class Runs(_Resource):
 
     def events(
         self, run_id: RunId, *, after: int | None = None, timeout: b.Timeout = b.NOT_GIVEN
-    ) -> AsyncIterator[models.Event]:
+    ) -> AsyncGenerator[models.Event, None]:
         """The run's events from the start (or after cursor ``after``), live until the run
         finishes: the iterator ends after run.succeeded/failed/cancelled. Reconnects after
         any disconnect, resuming after the last cursor received (no gap, no duplicate).
@@ -335,7 +335,7 @@ class Events(_Resource):
         workflow: str | None = None,
         type: str | None = None,
         timeout: b.Timeout = b.NOT_GIVEN,
-    ) -> AsyncIterator[models.Event]:
+    ) -> AsyncGenerator[models.Event, None]:
         """The tenant's event stream, filtered by run, workflow or type prefix (``"run."``).
         Never ends by itself. Without ``after`` it starts with live events (``after=0``
         replays everything retained); reconnects resume after the last cursor received."""
@@ -437,7 +437,7 @@ class Audit(_Resource):
         until: datetime | None = None,
         page_size: int = 500,
         timeout: b.Timeout = b.NOT_GIVEN,
-    ) -> AsyncIterator[models.AuditEntry]:
+    ) -> AsyncGenerator[models.AuditEntry, None]:
         """Every matching entry, fetching pages as needed."""
         after: int | None = None
         while True:

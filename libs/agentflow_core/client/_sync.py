@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -135,7 +135,7 @@ class AgentFlowClient:
         run_id: RunId | None = None,
         deadline: float | None = None,
         run_known: bool = False,
-    ) -> Iterator[models.Event]:
+    ) -> Generator[models.Event, None, None]:
         """Events from an SSE endpoint, reconnecting with ``after=<last cursor>`` whenever the
         connection drops; a run's stream ends after its terminal event."""
         url = self.base_url + path
@@ -273,7 +273,7 @@ class Runs(_Resource):
 
     def events(
         self, run_id: RunId, *, after: int | None = None, timeout: b.Timeout = b.NOT_GIVEN
-    ) -> Iterator[models.Event]:
+    ) -> Generator[models.Event, None, None]:
         """The run's events from the start (or after cursor ``after``), live until the run
         finishes: the iterator ends after run.succeeded/failed/cancelled. Reconnects after
         any disconnect, resuming after the last cursor received (no gap, no duplicate).
@@ -327,7 +327,7 @@ class Events(_Resource):
         workflow: str | None = None,
         type: str | None = None,
         timeout: b.Timeout = b.NOT_GIVEN,
-    ) -> Iterator[models.Event]:
+    ) -> Generator[models.Event, None, None]:
         """The tenant's event stream, filtered by run, workflow or type prefix (``"run."``).
         Never ends by itself. Without ``after`` it starts with live events (``after=0``
         replays everything retained); reconnects resume after the last cursor received."""
@@ -429,7 +429,7 @@ class Audit(_Resource):
         until: datetime | None = None,
         page_size: int = 500,
         timeout: b.Timeout = b.NOT_GIVEN,
-    ) -> Iterator[models.AuditEntry]:
+    ) -> Generator[models.AuditEntry, None, None]:
         """Every matching entry, fetching pages as needed."""
         after: int | None = None
         while True:

@@ -27,7 +27,7 @@ from agentflow_control_plane.auth import Principal
 from agentflow_control_plane.events.hub import BadCursor, EventHub, HubClosed, SlowConsumer
 from agentflow_control_plane.events.store import EventFilter, StoredEvent, issue_ticket, redeem_ticket
 from agentflow_control_plane.state import AppState
-from agentflow_core.errors import AgentFlowError, NotFound, Unauthorized, Unavailable, ValidationFailed
+from agentflow_core.errors import AgentFlowError, CursorExpired, NotFound, Unauthorized, Unavailable, ValidationFailed
 
 log = logging.getLogger("agentflow.api.events")
 
@@ -90,17 +90,27 @@ async def _principal(state: AppState, authorization: str | None, ticket: str | N
     raise Unauthorized("missing credentials: send 'Authorization: Bearer <token>' or ?ticket=<ticket>")
 
 
-async def _run_status(state: AppState, tenant: str, run_id: uuid.UUID) -> tuple[str, datetime | None]:
+async def _run_settled(state: AppState, tenant: str, run_id: uuid.UUID) -> bool:
+    """Whether the run's stream is history only: the run ended and its final event is
+    numbered (or it ended long ago, and retention may have deleted that event). 404 for a
+    run this tenant does not have."""
     async with state.engine.connect() as conn:
         row = (
             await conn.execute(
-                text("SELECT status, finished_at FROM runs WHERE id = :id AND tenant_id = :tenant"),
+                text(
+                    "SELECT r.status, r.finished_at, EXISTS (SELECT 1 FROM events e WHERE e.tenant_id = r.tenant_id"
+                    " AND e.run_id = r.id AND e.type IN ('run.succeeded', 'run.failed', 'run.cancelled'))"
+                    " FROM runs r WHERE r.id = :id AND r.tenant_id = :tenant"
+                ),
                 {"id": run_id, "tenant": tenant},
             )
         ).first()
     if row is None:
         raise NotFound(f"run {run_id} not found")
-    return row[0], row[1]
+    status, finished, final_numbered = row
+    if status not in FINAL:
+        return False
+    return bool(final_numbered) or (finished is not None and finished < datetime.now(UTC) - SETTLED_AFTER)
 
 
 def _types(value: str | None) -> tuple[str, ...]:
@@ -127,13 +137,9 @@ async def _start(state: AppState, flt: EventFilter, after: int | None) -> int:
     return after
 
 
-def _settled(status: str, finished: datetime | None) -> bool:
-    return status in FINAL and finished is not None and finished < datetime.now(UTC) - SETTLED_AFTER
-
-
 async def _events(hub: EventHub, flt: EventFilter, after: int, *, settled: bool) -> AsyncIterator[StoredEvent | None]:
-    """A run stream stops after its final event; a long-finished run's stream after its
-    history (whose final event retention may have deleted)."""
+    """A run stream stops after its final event. A finished run's stream is its history
+    after ``after`` (empty when ``after`` is its final event's cursor or later)."""
     if settled:
         cursor = after
         while True:
@@ -188,8 +194,7 @@ async def _http(
     hub = _hub(state)
     settled = False
     if run_id is not None:
-        status, finished = await _run_status(state, principal.tenant, run_id)
-        settled = _settled(status, finished)
+        settled = await _run_settled(state, principal.tenant, run_id)
     sse = _wants_sse(request)
     cursor = _after(after, "after")
     if cursor is None and sse:
@@ -211,14 +216,9 @@ async def _http(
     )
 
 
-class CursorGone(AgentFlowError):
-    status_code = 410
-    code = "cursor_expired"
-
-
 def _cursor_error(exc: BadCursor) -> AgentFlowError:
     if exc.gone:
-        return CursorGone(str(exc))
+        return CursorExpired(str(exc))
     return ValidationFailed(str(exc), details=[{"loc": "query.after", "msg": str(exc)}])
 
 
@@ -311,8 +311,7 @@ async def _ws(websocket: WebSocket, run_id: str | None) -> None:
                 rid = uuid.UUID(run_id)
             except ValueError:
                 raise ValidationFailed(f"run id {run_id!r} is not a UUID") from None
-            status, finished = await _run_status(state, principal.tenant, rid)
-            settled = _settled(status, finished)
+            settled = await _run_settled(state, principal.tenant, rid)
             flt = EventFilter(principal.tenant, run_id=rid)
         else:
             kind = q.get("type")

@@ -528,6 +528,20 @@ export function paintRun(drawing, graph, run, extra = {}) {
       const rootNode = start && drawing.edges.find((x) => x.edge.src === start.id);
       if (rootNode) setStatus(graph.nodes.find((n) => n.id === rootNode.edge.dst), run.status);
     }
+    // The state keeps no status for finished control nodes; one whose subtree ran was
+    // ticked, which is what lets the path down to the actions show.
+    const children = new Map();
+    for (const x of drawing.edges) {
+      if (!children.has(x.edge.src)) children.set(x.edge.src, []);
+      children.get(x.edge.src).push(x.edge.dst);
+    }
+    const ticked = (id) => {
+      let any = [...classes.get(id)].some((c) => c !== "st-pending");
+      for (const child of children.get(id) || []) any = ticked(child) || any;
+      if (any && classes.get(id).size === 0) classes.get(id).add("st-visited");
+      return any;
+    };
+    if (start) ticked(start.id);
     const running = Object.keys(state.active || {})
       .map((k) => byKey.get(k))
       .filter((n) => n && n.shape === "action")
