@@ -80,6 +80,8 @@ class EventHub:
         self.position = 0
         self._subs: dict[str, set[Subscription]] = {}
         self._notified = asyncio.Event()
+        #: the highest cursor announced by NOTIFY (its payload)
+        self._announced = 0
         self._task: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
         self._closing = False
@@ -108,7 +110,12 @@ class EventHub:
         if self._listener is not None and not self._listener.is_closed():
             return
         self._listener = await asyncpg.connect(self._dsn)
-        await self._listener.add_listener(CHANNEL, lambda *_: self._notified.set())
+        await self._listener.add_listener(CHANNEL, self._on_notify)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            self._announced = max(self._announced, int(payload))
+        self._notified.set()
 
     async def _close_listener(self) -> None:
         if self._listener is not None:
@@ -116,9 +123,13 @@ class EventHub:
                 await self._listener.close(timeout=2)
             self._listener = None
 
-    async def poll(self) -> int:
-        """Read events after :attr:`position` and hand them out. Returns how many."""
+    async def poll(self, *, announced_only: bool = False) -> int:
+        """Read events after :attr:`position` and hand them out. Returns how many.
+        ``announced_only``: with no stream open, trust NOTIFY's cursor (no query)."""
         total = 0
+        if announced_only and not self._subs:
+            self.position = max(self.position, self._announced)
+            return 0
         async with pg_autocommit(self._engine) as conn:
             while True:
                 if not self._subs:
@@ -146,11 +157,13 @@ class EventHub:
             except Exception as exc:  # Postgres away: keep polling; LISTEN again next round
                 log.warning("LISTEN %s failed (%s); polling instead", CHANNEL, exc)
                 await self._close_listener()
+            notified = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._notified.wait(), self._poll_s)
+                notified = True
             self._notified.clear()
             try:
-                await self.poll()
+                await self.poll(announced_only=notified)
             except Exception as exc:
                 log.warning("reading run events failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)

@@ -191,7 +191,10 @@ class EventSequencer:
 
     BATCH = 5000
 
-    def __init__(self, engine: AsyncEngine, *, poll_s: float = 0.05, retention_days: float = 7.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, poll_s: float = 0.1, coalesce_s: float = 0.02, retention_days: float = 7.0
+    ) -> None:
+        self._coalesce_s = coalesce_s
         self._engine = engine
         self._poll_s = poll_s
         self._retention = timedelta(days=retention_days)
@@ -236,6 +239,9 @@ class EventSequencer:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(EVENTS_QUEUED.wait(), delay)
+                # Let the engine's next commits join this batch: one numbering round per
+                # commit would double the transactions the engine's work causes.
+                await asyncio.sleep(self._coalesce_s)
             EVENTS_QUEUED.clear()
             try:
                 while await self.sequence_once() >= self.BATCH:
