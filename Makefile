@@ -13,7 +13,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[embedded,dev,bench,llm,mcp,docker]"
 	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory sandbox-deps
-	@[ -x /usr/bin/chromium ] || $(MAKE) --no-print-directory browser-deps
 	@touch $@
 
 ## The process sandbox needs bubblewrap (Debian/Ubuntu package; root or sudo).
@@ -25,7 +24,7 @@ sandbox-deps:
 	else echo "install bubblewrap with your package manager (the process sandbox needs it)"; fi
 
 ## The dashboard's browser tests drive Debian's Chromium (Playwright's own browser download
-## is not used). Debian/Ubuntu package; root or sudo.
+## is not used); only `make test` installs it. Debian/Ubuntu package; root or sudo.
 browser-deps:
 	@if command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -39,6 +38,7 @@ up: install
 
 ## Lint, type-check, then run every test against real Postgres and NATS.
 test: install check
+	@[ -x /usr/bin/chromium ] || $(MAKE) --no-print-directory browser-deps
 	$(BIN)/pytest -q
 
 check: install
