@@ -227,12 +227,9 @@ class Outbox(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-class EventQueue(Base):
-    """Events committed with the change they describe, waiting for the sequencer."""
+class _EventColumns:
+    """What an event says; queued and numbered events share it."""
 
-    __tablename__ = "event_queue"
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
     run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     workflow: Mapped[str | None] = mapped_column(String(128))
@@ -242,7 +239,15 @@ class EventQueue(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class Event(Base):
+class EventQueue(_EventColumns, Base):
+    """Events committed with the change they describe, waiting for the sequencer."""
+
+    __tablename__ = "event_queue"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+
+
+class Event(_EventColumns, Base):
     """A run event with its stream cursor (assigned in commit order by the sequencer)."""
 
     __tablename__ = "events"
@@ -253,13 +258,6 @@ class Event(Base):
     )
 
     cursor: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    tenant_id: Mapped[str] = mapped_column(String(64))
-    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
-    workflow: Mapped[str | None] = mapped_column(String(128))
-    step_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
-    type: Mapped[str] = mapped_column(String(48))
-    data: Mapped[Any] = mapped_column(JSONB)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class EventTicket(Base):
