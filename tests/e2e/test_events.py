@@ -186,6 +186,9 @@ def test_tenant_stream_filters_and_tenant_isolation(api: Api, cluster: tuple[Clu
     page = api.client.get("/v1/events", params={"after": 0, "limit": 5000}).json()
     assert page["events"] and theirs not in {e["run_id"] for e in page["events"]}
     assert api.client.get("/v1/events", params={"type": "DROP TABLE"}).status_code == 422
+    for query in ("type=DROP%20TABLE", "type=RUN.", "workflow=" + "w" * 129, "run_id=nope"):
+        events, code, reason = ws_collect(ws_url(api.url, f"/v1/events?{query}"), headers(api))
+        assert (events, code) == ([], 4400), (query, reason)
     assert api.client.get("/v1/events", params={"after": "abc"}).status_code == 422
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,7 @@ SETTLED_AFTER = timedelta(minutes=1)
 #: a WebSocket send that takes longer than this means the client stopped reading
 SEND_TIMEOUT_S = 10.0
 TYPE_PATTERN = r"^[a-z_.,]{1,200}$"
+TYPE_RE = re.compile(TYPE_PATTERN)
 
 # WebSocket close codes (4000-4999 are the application's own; see docs/api.md)
 WS_FINISHED, WS_GOING_AWAY = 1000, 1001
@@ -90,16 +92,16 @@ async def _principal(state: AppState, authorization: str | None, ticket: str | N
     raise Unauthorized("missing credentials: send 'Authorization: Bearer <token>' or ?ticket=<ticket>")
 
 
-async def _run_settled(state: AppState, tenant: str, run_id: uuid.UUID) -> bool:
-    """Whether the run's stream is history only: the run ended and its final event is
-    numbered (or it ended long ago, and retention may have deleted that event). 404 for a
-    run this tenant does not have."""
+async def _history_end(state: AppState, tenant: str, run_id: uuid.UUID) -> int | None:
+    """Where a finished run's stream ends: its final event's cursor, or (for a run that
+    ended long ago, whose final event retention may have deleted) the hub's position.
+    None while the run's stream must follow live. 404 for a run this tenant does not have."""
     async with state.engine.connect() as conn:
         row = (
             await conn.execute(
                 text(
-                    "SELECT r.status, r.finished_at, EXISTS (SELECT 1 FROM events e WHERE e.tenant_id = r.tenant_id"
-                    " AND e.run_id = r.id AND e.type IN ('run.succeeded', 'run.failed', 'run.cancelled'))"
+                    "SELECT r.status, r.finished_at, (SELECT max(e.cursor) FROM events e WHERE e.tenant_id ="
+                    " r.tenant_id AND e.run_id = r.id AND e.type IN ('run.succeeded', 'run.failed', 'run.cancelled'))"
                     " FROM runs r WHERE r.id = :id AND r.tenant_id = :tenant"
                 ),
                 {"id": run_id, "tenant": tenant},
@@ -107,10 +109,14 @@ async def _run_settled(state: AppState, tenant: str, run_id: uuid.UUID) -> bool:
         ).first()
     if row is None:
         raise NotFound(f"run {run_id} not found")
-    status, finished, final_numbered = row
+    status, finished, final_cursor = row
     if status not in FINAL:
-        return False
-    return bool(final_numbered) or (finished is not None and finished < datetime.now(UTC) - SETTLED_AFTER)
+        return None
+    if final_cursor is not None:
+        return int(final_cursor)
+    if finished is not None and finished < datetime.now(UTC) - SETTLED_AFTER:
+        return _hub(state).position
+    return None
 
 
 def _types(value: str | None) -> tuple[str, ...]:
@@ -137,19 +143,18 @@ async def _start(state: AppState, flt: EventFilter, after: int | None) -> int:
     return after
 
 
-async def _events(hub: EventHub, flt: EventFilter, after: int, *, settled: bool) -> AsyncIterator[StoredEvent | None]:
+async def _events(
+    hub: EventHub, flt: EventFilter, after: int, *, history_end: int | None
+) -> AsyncIterator[StoredEvent | None]:
     """A run stream stops after its final event. A finished run's stream is its history
-    after ``after`` (empty when ``after`` is its final event's cursor or later)."""
-    if settled:
+    after ``after`` up to ``history_end`` (empty when ``after`` is already there)."""
+    if history_end is not None:
         cursor = after
-        while True:
-            page, cursor = await hub.history(flt, cursor, 500)
+        while cursor < history_end:
+            page, cursor = await hub.history(flt, cursor, 500, upto=history_end)
             for event in page:
                 yield event
-                if event.final:
-                    return
-            if len(page) < 500:
-                return
+        return
     async for item in hub.follow(flt, after):
         yield item
         if item is not None and flt.run_id is not None and item.final:
@@ -192,9 +197,9 @@ async def _http(
     request.state.tenant = principal.tenant
     flt: EventFilter = flt_of(principal.tenant)
     hub = _hub(state)
-    settled = False
+    history_end = None
     if run_id is not None:
-        settled = await _run_settled(state, principal.tenant, run_id)
+        history_end = await _history_end(state, principal.tenant, run_id)
     sse = _wants_sse(request)
     cursor = _after(after, "after")
     if cursor is None and sse:
@@ -210,7 +215,7 @@ async def _http(
         raise _cursor_error(exc) from exc
     scope = "run" if run_id is not None else "tenant"
     return StreamingResponse(
-        _sse(request, hub, flt, start, settled, scope),
+        _sse(request, hub, flt, start, history_end, scope),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -222,14 +227,14 @@ def _cursor_error(exc: BadCursor) -> AgentFlowError:
     return ValidationFailed(str(exc), details=[{"loc": "query.after", "msg": str(exc)}])
 
 
-async def _sse(request: Request, hub: EventHub, flt: EventFilter, start: int, settled: bool,
+async def _sse(request: Request, hub: EventHub, flt: EventFilter, start: int, history_end: int | None,
                scope: str) -> AsyncIterator[bytes]:  # fmt: skip
     gauge = metrics.EVENT_STREAM_CONNECTIONS.labels("sse", scope)
     gauge.inc()
     last = start
     try:
         yield b"retry: 2000\n\n"
-        async for event in _events(hub, flt, start, settled=settled):
+        async for event in _events(hub, flt, start, history_end=history_end):
             if event is None:
                 if await request.is_disconnected():
                     return
@@ -305,24 +310,27 @@ async def _ws(websocket: WebSocket, run_id: str | None) -> None:
     try:
         principal = await _principal(state, websocket.headers.get("authorization"), q.get("ticket"))
         rid: uuid.UUID | None = None
-        settled = False
+        history_end = None
         if run_id is not None:
             try:
                 rid = uuid.UUID(run_id)
             except ValueError:
                 raise ValidationFailed(f"run id {run_id!r} is not a UUID") from None
-            settled = await _run_settled(state, principal.tenant, rid)
+            history_end = await _history_end(state, principal.tenant, rid)
             flt = EventFilter(principal.tenant, run_id=rid)
         else:
             kind = q.get("type")
-            if kind is not None and not all(c.isalpha() or c in "_.," for c in kind):
+            if kind is not None and not TYPE_RE.fullmatch(kind):
                 raise ValidationFailed("type must be comma-separated event type prefixes like 'run.,step.failed'")
+            workflow = q.get("workflow") or None
+            if workflow is not None and len(workflow) > 128:
+                raise ValidationFailed("workflow must be at most 128 characters")
             run_filter = q.get("run_id")
             try:
                 rid = uuid.UUID(run_filter) if run_filter else None
             except ValueError:
                 raise ValidationFailed(f"run_id {run_filter!r} is not a UUID") from None
-            flt = EventFilter(principal.tenant, run_id=rid, workflow=q.get("workflow") or None, types=_types(kind))
+            flt = EventFilter(principal.tenant, run_id=rid, workflow=workflow, types=_types(kind))
         try:
             start = await _start(state, flt, _after(q.get("after"), "after"))
         except BadCursor as exc:
@@ -334,10 +342,10 @@ async def _ws(websocket: WebSocket, run_id: str | None) -> None:
                                      path=websocket.url.path)  # fmt: skip
         await _ws_close(websocket, _ws_code(exc), exc.message)
         return
-    await _ws_stream(websocket, _hub(state), flt, start, settled, "run" if run_id is not None else "tenant")
+    await _ws_stream(websocket, _hub(state), flt, start, history_end, "run" if run_id is not None else "tenant")
 
 
-async def _ws_stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, start: int, settled: bool,
+async def _ws_stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, start: int, history_end: int | None,
                      scope: str) -> None:  # fmt: skip
     gauge = metrics.EVENT_STREAM_CONNECTIONS.labels("ws", scope)
     gauge.inc()
@@ -345,7 +353,7 @@ async def _ws_stream(websocket: WebSocket, hub: EventHub, flt: EventFilter, star
     # The client sends nothing; reading is how a close from its side is noticed.
     reader = asyncio.ensure_future(_drain(websocket))
     try:
-        async for event in _events(hub, flt, start, settled=settled):
+        async for event in _events(hub, flt, start, history_end=history_end):
             if reader.done():
                 return
             if event is None:

@@ -193,11 +193,13 @@ class EventHub:
         if after > last:
             raise BadCursor(f"cursor {after} is ahead of the stream (the last event is {last})", gone=False)
 
-    async def history(self, flt: EventFilter, after: int, limit: int) -> tuple[list[StoredEvent], int]:
-        """Events after ``after`` that are already out (no waiting), and the cursor to ask
-        from next time: the last one returned, or the hub's position when fewer than
-        ``limit`` matched (nothing up to there is missing)."""
-        upto = self.position
+    async def history(
+        self, flt: EventFilter, after: int, limit: int, *, upto: int | None = None
+    ) -> tuple[list[StoredEvent], int]:
+        """Events after ``after`` up to ``upto`` (default: the hub's position; never wait),
+        and the cursor to ask from next time: the last one returned, or ``upto`` when fewer
+        than ``limit`` matched (nothing up to there is missing)."""
+        upto = self.position if upto is None else upto
         async with pg_autocommit(self._engine) as conn:
             events = await read_events(conn, flt, after, upto, limit)
         if len(events) == limit:

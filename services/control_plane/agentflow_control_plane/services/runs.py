@@ -236,7 +236,7 @@ async def cancel_run(repo: TenantRepository, run_id: uuid.UUID, *, actor: str, g
     run, halted = await repo.cancel_run(run_id)
     if halted is not None:
         now = datetime.now(UTC)
-        writes = WriteSet(Names(""), now, governance=governance)
+        writes = WriteSet(Names(""), now, governance=governance)  # events and audit only: nothing to publish
         for step_id, name, agent, attempt in halted:
             writes.event(repo.tenant, run_id, run.workflow_name, "step.cancelled",
                          {"name": name, "agent": agent, "attempt": attempt}, step_id)  # fmt: skip
